@@ -1,0 +1,9 @@
+"""Kubernetes operator that manages Chainguard assumable identities.
+
+The package is laid out in layers: ``handlers`` (kopf only) calls ``reconcile`` (observe → decide →
+act), which uses the pure ``decide`` core and two narrow clients: ``cluster`` for Kubernetes and
+``chainguard`` for the Chainguard API and STS. ``testing`` holds the emulators used by the tests
+and the sandbox.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from chainguard_identity_operator.cli import main
+
+raise SystemExit(main())

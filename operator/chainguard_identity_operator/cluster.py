@@ -1,0 +1,309 @@
+"""The operator's narrow client for the Kubernetes API, and the cluster facts every resource shares.
+
+kopf owns watching and finalizers; everything else the reconcile needs from the cluster goes through
+``ClusterClient``: the issuer discovery document, the JWKS, the ConfigMaps, status patches and events.
+It uses the official ``kubernetes`` package, whose calls block, so each call runs in a worker thread
+(``asyncio.to_thread``) and the event loop never stalls on the API server.
+
+``ClusterFactsCache`` reads the issuer and JWKS at most once per poll interval for the whole operator —
+not once per resource — and tells its listeners when the JWKS fingerprint changes, which is the
+cluster-wide signal that the service-account signing keys rotated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+import logging
+import pathlib
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jwt
+import kubernetes.client
+import kubernetes.config
+from kubernetes.client.exceptions import ApiException
+
+from chainguard_identity_operator.config import Settings
+from chainguard_identity_operator.crd import GROUP, KIND, PLURAL, VERSION
+from chainguard_identity_operator.decide import ClusterFacts
+from chainguard_identity_operator.jwks import JWKSError, parse_jwks
+
+logger = logging.getLogger(__name__)
+
+COMPONENT = "chainguard-identity-operator"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+class ClusterError(Exception):
+    """The Kubernetes API answered with an error, or could not be reached. Transient unless said."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ConfigMapConflict(Exception):
+    """A ConfigMap with the wanted name exists and belongs to something else; it is left untouched."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectRef:
+    namespace: str
+    name: str
+    uid: str
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": False,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigMapState:
+    data: Mapping[str, str]
+    owned: bool  # controlled by the ObjectRef it was read for
+
+
+def load_kube_configuration(settings: Settings) -> kubernetes.client.Configuration:
+    """In-cluster credentials when running in a pod, else the kubeconfig (``CGID_KUBECONFIG``/``KUBECONFIG``)."""
+    configuration = kubernetes.client.Configuration()
+    if settings.kubeconfig is not None:
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=str(settings.kubeconfig), client_configuration=configuration
+        )
+        return configuration
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return configuration
+
+
+def issuer_from_token(path: pathlib.Path) -> str | None:
+    """The ``iss`` of the operator's own service-account token (discovery's fallback)."""
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None
+    try:
+        # Only the issuer is read, to learn the cluster's own name for itself; nothing is trusted from it.
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    issuer = claims.get("iss")
+    return issuer if isinstance(issuer, str) and issuer else None
+
+
+def _api_error(exc: ApiException, what: str) -> ClusterError:
+    reason = exc.reason or "error"
+    return ClusterError(f"{what}: Kubernetes API answered {exc.status} {reason}", status=exc.status)
+
+
+class ClusterClient:
+    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        self._api = api_client
+        self._core = kubernetes.client.CoreV1Api(api_client)
+        self._custom = kubernetes.client.CustomObjectsApi(api_client)
+        self._well_known = kubernetes.client.WellKnownApi(api_client)
+        self._openid = kubernetes.client.OpenidApi(api_client)
+
+    def close(self) -> None:
+        self._api.close()  # type: ignore[no-untyped-call]
+
+    async def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return await asyncio.to_thread(fn)
+        except ApiException as exc:
+            raise _api_error(exc, what) from None
+        except (OSError, kubernetes.client.exceptions.OpenApiException) as exc:
+            raise ClusterError(f"{what}: {type(exc).__name__}") from None
+
+    async def _raw(self, what: str, fn: Callable[..., Any]) -> str:
+        # The generated client turns a "str" response into the repr of parsed JSON; read the bytes.
+        response = await self._call(what, lambda: fn(_preload_content=False))
+        data = response.data
+        return data.decode() if isinstance(data, bytes) else str(data)
+
+    async def openid_configuration(self) -> Mapping[str, Any] | None:
+        what = "reading /.well-known/openid-configuration"
+        try:
+            raw = await self._raw(what, self._well_known.get_service_account_issuer_open_id_configuration)
+        except ClusterError as exc:
+            if exc.status in (404, 403):
+                return None
+            raise
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise ClusterError(f"{what}: the answer is not JSON") from None
+        return data if isinstance(data, Mapping) else None
+
+    async def jwks(self) -> str:
+        return await self._raw(
+            "reading /openid/v1/jwks", self._openid.get_service_account_issuer_open_id_keyset
+        )
+
+    async def read_config_map(self, ref: ObjectRef, name: str) -> ConfigMapState | None:
+        try:
+            found = await self._call(
+                f"reading ConfigMap {ref.namespace}/{name}",
+                lambda: self._core.read_namespaced_config_map(name, ref.namespace),
+            )
+        except ClusterError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        owners = found.metadata.owner_references or []
+        owned = any(owner.uid == ref.uid for owner in owners)
+        return ConfigMapState(data=dict(found.data or {}), owned=owned)
+
+    async def write_config_map(self, ref: ObjectRef, name: str, data: Mapping[str, str]) -> None:
+        """Create the ConfigMap, or replace the data of ours; never touch someone else's."""
+        current = await self.read_config_map(ref, name)
+        if current is not None and not current.owned:
+            raise ConfigMapConflict(
+                f"ConfigMap {ref.namespace}/{name} exists and is not owned by this ChainguardIdentity; "
+                "delete it or set spec.configMap.name"
+            )
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": ref.namespace,
+                "labels": {MANAGED_BY_LABEL: COMPONENT},
+                "ownerReferences": [ref.owner_reference()],
+            },
+            "data": dict(data),
+        }
+        if current is None:
+            await self._call(
+                f"creating ConfigMap {ref.namespace}/{name}",
+                lambda: self._core.create_namespaced_config_map(ref.namespace, body),  # type: ignore[arg-type]
+            )
+        else:
+            # A merge patch; keys we do not publish (added by hand) are removed so the data is exact.
+            patch = {"data": {**{key: None for key in current.data if key not in data}, **data}}
+            await self._call(
+                f"updating ConfigMap {ref.namespace}/{name}",
+                lambda: self._core.patch_namespaced_config_map(name, ref.namespace, patch),
+            )
+
+    async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any]) -> None:
+        await self._call(
+            f"patching status of {ref.namespace}/{ref.name}",
+            lambda: self._custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, ref.namespace, PLURAL, ref.name, {"status": dict(status)}
+            ),
+        )
+
+    async def post_event(self, ref: ObjectRef, *, warning: bool, reason: str, message: str) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        body: Any = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{ref.name}.{uuid.uuid4().hex[:16]}", "namespace": ref.namespace},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": ref.name,
+                "namespace": ref.namespace,
+                "uid": ref.uid,
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "count": 1,
+        }
+        try:
+            await self._call(
+                f"posting event {reason}", lambda: self._core.create_namespaced_event(ref.namespace, body)
+            )
+        except ClusterError as exc:
+            # Events are best effort: losing one must never fail a reconcile.
+            logger.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, exc)
+
+
+KeysChangedListener = Callable[[str | None, str], None]
+
+
+class ClusterFactsCache:
+    """Issuer and JWKS, read at most once per poll interval and shared by every resource."""
+
+    def __init__(
+        self,
+        cluster: ClusterClient,
+        settings: Settings,
+        *,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ) -> None:
+        self._cluster = cluster
+        self._settings = settings
+        self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+        self._lock = asyncio.Lock()
+        self._facts: ClusterFacts | None = None
+        self._read_at: datetime.datetime | None = None
+        self._listeners: list[KeysChangedListener] = []
+        self.keys_error: str | None = None
+
+    def on_keys_changed(self, listener: KeysChangedListener) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def facts(self) -> ClusterFacts | None:
+        return self._facts
+
+    async def get(self) -> ClusterFacts:
+        async with self._lock:
+            now = self._clock()
+            fresh = self._read_at is not None and now - self._read_at < self._settings.jwks_poll_interval
+            if self._facts is not None and fresh:
+                return self._facts
+            return await self._refresh(now)
+
+    async def refresh(self) -> ClusterFacts:
+        async with self._lock:
+            return await self._refresh(self._clock())
+
+    async def _refresh(self, now: datetime.datetime) -> ClusterFacts:
+        issuer = self._settings.issuer
+        if issuer is None:
+            discovery = await self._cluster.openid_configuration()
+            found = discovery.get("issuer") if discovery else None
+            issuer = found if isinstance(found, str) and found else None
+        if issuer is None:
+            issuer = await asyncio.to_thread(issuer_from_token, self._settings.service_account_token_path)
+        if issuer is None:
+            raise ClusterError(
+                "cannot find the cluster's OIDC issuer: /.well-known/openid-configuration is not served and the "
+                "operator's own token has no iss; set CGID_ISSUER or spec.issuer"
+            )
+        try:
+            keys = parse_jwks(await self._cluster.jwks())
+            self.keys_error = None
+        except (JWKSError, ClusterError) as exc:
+            keys = None
+            self.keys_error = f"cannot use the cluster's JWKS from /openid/v1/jwks: {exc}"
+            logger.warning("%s", self.keys_error)
+        previous = self._facts.keys.fingerprint if self._facts and self._facts.keys else None
+        facts = ClusterFacts(issuer=issuer, keys=keys)
+        self._facts, self._read_at = facts, now
+        if keys is not None and previous is not None and keys.fingerprint != previous:
+            logger.info("the cluster's signing keys changed: %s -> %s", previous, keys.fingerprint)
+            for listener in self._listeners:
+                listener(previous, keys.fingerprint)
+        return facts

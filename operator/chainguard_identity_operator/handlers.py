@@ -1,0 +1,109 @@
+"""kopf handlers: the only module that knows kopf. Each handler translates one event into one call.
+
+- startup: read settings (unless the caller put a runtime in ``memo``), tune kopf's storage names.
+- login: hand kopf the same credentials the ``kubernetes`` client uses.
+- daemon: one reconcile worker per ``ChainguardIdentity`` (create, resume, resync, renewal).
+- update of ``spec``: wake the worker; it reconciles the new spec at once.
+- delete: the finalizer — delete the identity unless orphaned; transient failures retry with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from chainguard_identity_operator.chainguard.errors import ChainguardError
+from chainguard_identity_operator.cluster import ClusterError
+from chainguard_identity_operator.config import Settings
+from chainguard_identity_operator.crd import GROUP, PLURAL, VERSION
+from chainguard_identity_operator.reconcile import ROTATE_ANNOTATION
+from chainguard_identity_operator.runtime import Runtime
+
+FINALIZER = f"{GROUP}/finalizer"
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+
+def _runtime(memo: kopf.Memo) -> Runtime:
+    runtime = memo.get("runtime")
+    if not isinstance(runtime, Runtime):
+        raise kopf.PermanentError("the operator's runtime was not initialised")
+    return runtime
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    """Our own names for kopf's bookkeeping, and only warnings from kopf as Kubernetes events."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    configure_kopf(settings)
+    if "runtime" not in memo:
+        memo["runtime"] = Runtime.from_settings(Settings.from_env(os.environ))
+    await _runtime(memo).start()
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime = memo.get("runtime")
+    if isinstance(runtime, Runtime):
+        await runtime.aclose()
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    config = _runtime(memo).kube_configuration
+    keys: dict[str, str] = dict(config.api_key or {})
+    prefixes: dict[str, str] = dict(config.api_key_prefix or {})
+    # The kubernetes client keeps "Bearer" either in the key itself or in a separate prefix table.
+    header = keys.get("authorization") or keys.get("BearerToken") or ""
+    prefix = prefixes.get("authorization") or prefixes.get("BearerToken") or ""
+    if prefix and header and " " not in header:
+        header = f"{prefix} {header}"
+    scheme, _sep, token = header.partition(" ")
+    return kopf.ConnectionInfo(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+    )
+
+
+@kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
+async def worker(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _runtime(memo).run_worker(body, stopped)
+
+
+@kopf.on.update(*RESOURCE, field="spec")
+def spec_changed(uid: str, memo: kopf.Memo, **_: Any) -> None:
+    _runtime(memo).wake(uid)
+
+
+# A tuple, not a dotted string: the annotation key itself contains dots.
+@kopf.on.update(*RESOURCE, field=("metadata", "annotations", ROTATE_ANNOTATION))
+def rotation_requested(uid: str, memo: kopf.Memo, **_: Any) -> None:
+    _runtime(memo).wake(uid)
+
+
+@kopf.on.delete(*RESOURCE)
+async def delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    try:
+        await _runtime(memo).finalize(body)
+    except (ChainguardError, ClusterError) as exc:
+        delay = min(2.0 * 2**retry, 300.0)
+        if isinstance(exc, ChainguardError) and exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        raise kopf.TemporaryError(f"deleting the identity: {exc}", delay=delay) from None

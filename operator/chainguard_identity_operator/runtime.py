@@ -1,0 +1,271 @@
+"""The operator's long-lived parts and the per-object reconcile worker.
+
+``Runtime`` owns the clients, the shared cluster facts, and one small piece of state per resource: an
+event that wakes its worker and a count of consecutive failures for the backoff. Each resource has
+exactly one worker (a kopf daemon), so passes for one object never overlap; spec changes, key rotation
+and schedules only wake it.
+
+The worker sleeps until the earliest of: a wake-up (spec change, cluster keys changed), the next
+scheduled renewal, the retry backoff after a transient failure, or the resync interval that catches
+drift made outside the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+import random
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import kubernetes.client
+
+from chainguard_identity_operator.chainguard.auth import AssumedIdentity, StaticTokenFile, TokenSource
+from chainguard_identity_operator.chainguard.client import ChainguardClient
+from chainguard_identity_operator.chainguard.sts import STSClient
+from chainguard_identity_operator.chainguard.types import parse_time
+from chainguard_identity_operator.cluster import (
+    ClusterClient,
+    ClusterError,
+    ClusterFactsCache,
+    ObjectRef,
+    load_kube_configuration,
+)
+from chainguard_identity_operator.conditions import Phase
+from chainguard_identity_operator.config import Settings
+from chainguard_identity_operator.metrics import Metrics, MetricsServer
+from chainguard_identity_operator.reconcile import Context, Outcome, Resource, apply, finalize
+
+logger = logging.getLogger(__name__)
+
+
+class StopFlag(Protocol):
+    """kopf's ``DaemonStopped``: truthy once stopping, and awaitable with a timeout."""
+
+    def __bool__(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> Any: ...
+
+
+@dataclasses.dataclass
+class _Worker:
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    failures: int = 0
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+
+def resource_from_body(body: Mapping[str, Any]) -> Resource:
+    meta = body.get("metadata", {})
+    return Resource(
+        ref=ObjectRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"]),
+        generation=int(meta.get("generation") or 0),
+        spec=dict(body.get("spec") or {}),
+        status=dict(body.get("status") or {}),
+        annotations=dict(meta.get("annotations") or {}),
+    )
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        kube_configuration: kubernetes.client.Configuration,
+        chainguard: ChainguardClient,
+        clock: Callable[[], datetime.datetime] | None = None,
+        sts: STSClient | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._metrics_server: MetricsServer | None = None
+        self.kube_configuration = kube_configuration
+        self.cluster = ClusterClient(kubernetes.client.ApiClient(kube_configuration))
+        clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+        self.facts = ClusterFactsCache(self.cluster, settings, clock=clock)
+        self.context = Context(
+            settings=settings, chainguard=chainguard, cluster=self.cluster, facts=self.facts, clock=clock
+        )
+        self._sts = sts
+        self._workers: dict[str, _Worker] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.facts.on_keys_changed(lambda _old, _new: self.wake_all())
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, clock: Callable[[], datetime.datetime] | None = None
+    ) -> Runtime:
+        timeout = settings.request_timeout.total_seconds()
+        sts = None
+        tokens: TokenSource
+        if settings.identity is not None:
+            sts = STSClient(settings.issuer_url, timeout=timeout)
+            tokens = AssumedIdentity(
+                sts, identity=settings.identity, token_path=settings.identity_token_path, clock=clock
+            )
+        else:
+            assert settings.token_file is not None  # validated by Settings
+            tokens = StaticTokenFile(settings.token_file)
+        metrics = Metrics()
+        chainguard = ChainguardClient(
+            settings.api_url, tokens, timeout=timeout, on_request=metrics.observe_api_request
+        )
+        return cls(
+            settings,
+            kube_configuration=load_kube_configuration(settings),
+            chainguard=chainguard,
+            clock=clock,
+            sts=sts,
+            metrics=metrics,
+        )
+
+    async def start(self) -> None:
+        """Start watching the cluster's keys (idempotent)."""
+        self._loop = asyncio.get_running_loop()
+        if self._poller is None:
+            self._poller = asyncio.create_task(self._poll_cluster_facts(), name="cluster facts poller")
+        if self._metrics_server is None and self.settings.metrics_port:
+            self._metrics_server = MetricsServer(self.metrics, self.settings.metrics_port)
+            await self._metrics_server.start()
+
+    async def _poll_cluster_facts(self) -> None:
+        """Re-read issuer and JWKS every poll interval, so a key rotation is noticed without waiting for
+        a resync; the cache wakes every worker when the fingerprint changes."""
+        while True:
+            try:
+                await self.facts.refresh()
+            except ClusterError as exc:
+                logger.warning("reading the cluster's issuer and keys failed: %s", exc)
+            await asyncio.sleep(self.settings.jwks_poll_interval.total_seconds())
+
+    async def aclose(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+            self._metrics_server = None
+        await self.context.chainguard.aclose()
+        if self._sts is not None:
+            await self._sts.aclose()
+        self.cluster.close()
+
+    # -- waking -------------------------------------------------------------------------------------
+
+    def _worker(self, uid: str) -> _Worker:
+        return self._workers.setdefault(uid, _Worker())
+
+    def _in_loop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in the operator's loop: asyncio events are not thread-safe, and tests and the
+        sandbox wake workers from another thread."""
+        loop = self._loop
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if loop is None or current is loop:
+            fn()
+        else:
+            loop.call_soon_threadsafe(fn)
+
+    def wake(self, uid: str) -> None:
+        self._in_loop(lambda: self._worker(uid).wake.set())
+
+    def wake_all(self) -> None:
+        def wake_everyone() -> None:
+            for worker in self._workers.values():
+                worker.wake.set()
+
+        self._in_loop(wake_everyone)
+
+    def forget(self, uid: str) -> None:
+        self._workers.pop(uid, None)
+
+    # -- scheduling ---------------------------------------------------------------------------------
+
+    def next_delay(self, outcome: Outcome, failures: int) -> float:
+        """Seconds until the next pass for this outcome."""
+        settings = self.settings
+        resync = settings.resync_interval.total_seconds()
+        if outcome.transient:
+            backoff = min(
+                settings.base_backoff.total_seconds() * (2 ** max(failures - 1, 0)),
+                settings.max_backoff.total_seconds(),
+            )
+            backoff *= random.uniform(
+                0.8, 1.2
+            )  # jitter: many objects failing together must not retry together
+            if outcome.retry_after is not None:
+                backoff = max(backoff, outcome.retry_after)
+            return float(min(backoff, resync))
+        if outcome.wake_at is not None:
+            until = (outcome.wake_at - self.context.clock()).total_seconds()
+            return max(0.0, min(until, resync))
+        return resync
+
+    async def run_once(self, body: Mapping[str, Any]) -> tuple[Outcome, float]:
+        resource = resource_from_body(body)
+        worker = self._worker(resource.ref.uid)
+        async with worker.lock:
+            outcome = await apply(self.context, resource)
+        worker.failures = worker.failures + 1 if outcome.transient else 0
+        self.metrics.observe_identity(
+            resource.ref.namespace,
+            resource.ref.name,
+            ready=outcome.health.phase is Phase.READY,
+            expires_at=parse_time(outcome.status.get("expiresAt")),
+            renew_at=parse_time(outcome.status.get("renewAt")),
+            rotated=outcome.rotated,
+        )
+        return outcome, self.next_delay(outcome, worker.failures)
+
+    async def run_worker(self, body: Mapping[str, Any], stopped: StopFlag) -> None:
+        """The per-object loop run by the kopf daemon; ``body`` is kopf's live view of the object."""
+        uid = body["metadata"]["uid"]
+        worker = self._worker(uid)
+        try:
+            while not stopped:
+                worker.wake.clear()
+                try:
+                    _, delay = await self.run_once(body)
+                except Exception:
+                    # Never crash the worker: log (no tokens are in our exceptions) and back off.
+                    logger.exception("reconcile of %s failed unexpectedly", uid)
+                    worker.failures += 1
+                    delay = self.settings.max_backoff.total_seconds()
+                await self._sleep(worker.wake, stopped, delay)
+        finally:
+            if stopped:
+                self.forget(uid)
+
+    @staticmethod
+    async def _sleep(wake: asyncio.Event, stopped: StopFlag, delay: float) -> None:
+        waiters = {
+            asyncio.ensure_future(wake.wait()),
+            asyncio.ensure_future(stopped.wait()),
+        }
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            for waiter in waiters:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+
+    async def finalize(self, body: Mapping[str, Any]) -> None:
+        resource = resource_from_body(body)
+        async with self._worker(resource.ref.uid).lock:
+            events = await finalize(self.context, resource)
+        for event in events:
+            await self.cluster.post_event(
+                resource.ref, warning=event.warning, reason=event.reason, message=event.message
+            )
+        self.forget(resource.ref.uid)
+        self.metrics.forget_identity(resource.ref.namespace, resource.ref.name)

@@ -1,0 +1,166 @@
+"""The sandbox: what a cluster admin would see, with no cluster and no Chainguard account.
+
+It starts the emulated cluster, the emulated Chainguard and the real operator in one process, applies
+the examples (a ClaimMatch and a Static identity), and prints each identity, its status and ConfigMap,
+then runs the seeds' pod flow — a projected service-account token exchanged at the STS for an API
+token, then the repository list — and shows that another service account's token is refused. Last, it
+fast-forwards time past the static identity's renewal point and shows the rotation.
+
+With ``--serve`` it keeps running and prints what ``kubectl`` and ``curl`` need to poke at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import pathlib
+import signal
+from typing import Any
+
+import yaml
+
+from chainguard_identity_operator.testing.harness import World, world
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
+SHOWN = ("claimmatch.yaml", "static.yaml")
+
+
+def _examples(org: str) -> list[dict[str, Any]]:
+    manifests = []
+    for name in SHOWN:
+        for document in yaml.safe_load_all((EXAMPLES / name).read_text()):
+            if not document or document.get("kind") != "ChainguardIdentity":
+                continue
+            spec = document.setdefault("spec", {})
+            if "parent" in spec:
+                spec["parent"] = org  # the example's placeholder UIDP → the sandbox organization
+            manifests.append(document)
+    return manifests
+
+
+def _line(text: str = "") -> None:
+    print(text, flush=True)
+
+
+async def _show(w: World, namespace: str, name: str) -> dict[str, str]:
+    obj = await w.get(namespace, name)
+    assert obj is not None
+    status = obj.get("status") or {}
+    ready: dict[str, Any] = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+    _line(f"  {namespace}/{name}")
+    _line(f"    identity     {status.get('identityId')}  ({status.get('identityName')})")
+    _line(f"    mode         {status.get('mode')}   issuer {status.get('issuer')}")
+    _line(f"    subject      {status.get('subject')}")
+    _line(f"    roles        {', '.join(b['role'] for b in status.get('roleBindings', []))}")
+    if status.get("expiresAt"):
+        _line(f"    expires      {status['expiresAt']}  (renews at {status.get('renewAt')})")
+        _line(f"    keys         {status.get('keys', {}).get('fingerprint')}")
+    _line(f"    Ready        {ready.get('status')} {ready.get('reason')}: {ready.get('message')}")
+    data = await w.config_map(namespace, status.get("configMapName", "")) or {}
+    _line(f"    ConfigMap    {status.get('configMapName')}")
+    for key, value in sorted(data.items()):
+        _line(f"      {key}={value}")
+    return data
+
+
+async def _pod_flow(w: World, namespace: str, service_account: str, identity: str) -> bool:
+    response = await w.pod_exchange(namespace, service_account, identity)
+    if response.status_code != 200:
+        message = response.json().get("message")
+        _line(f"    exchange as {namespace}:{service_account}: HTTP {response.status_code} {message}")
+        return False
+    repos = await w.list_repos(response.json()["token"])
+    _line(f"    exchange as {namespace}:{service_account}: OK; repos: {', '.join(sorted(repos))}")
+    return True
+
+
+async def run_sandbox(*, serve: bool, workdir: pathlib.Path | None) -> int:
+    async with world(workdir=workdir) as w:
+        _line("chainguard-identity-operator sandbox")
+        _line(f"  cluster (emulated)     {w.kube_url}   issuer {w.kube.issuer}")
+        _line(f"  Chainguard (emulated)  {w.chainguard.api_url}   org {w.org}")
+        _line(f"  operator identity      {w.operator_identity} (static, adopted bootstrap)")
+        _line()
+        manifests = _examples(w.org)
+        for manifest in manifests:
+            await w.apply(manifest)
+            _line(
+                f"applied ChainguardIdentity {manifest['metadata']['namespace']}/{manifest['metadata']['name']}"
+            )
+        _line()
+        ok = True
+        for manifest in manifests:
+            namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+            await w.wait_ready(namespace, name, timeout=60)
+            data = await _show(w, namespace, name)
+            service_account = manifest["spec"].get("serviceAccountName", "default")
+            _line("    the seeds' pod flow (projected token → STS → API → repos):")
+            ok &= await _pod_flow(w, namespace, service_account, data["CHAINGUARD_IDENTITY"])
+            other = "intruder"
+            w.kube.add_service_account(namespace, other)
+            refused = not await _pod_flow(w, namespace, other, data["CHAINGUARD_IDENTITY"])
+            _line(
+                f"    another service account is {'refused, as it should be' if refused else 'ACCEPTED (wrong!)'}"
+            )
+            ok &= refused
+            _line()
+
+        static = next((m for m in manifests if m["spec"].get("mode") == "Static"), None)
+        if static is not None:
+            ok &= await _rotation(w, static["metadata"]["namespace"], static["metadata"]["name"])
+
+        if serve:
+            _serve_banner(w)
+            await _wait_for_interrupt()
+        _line("sandbox: all checks passed" if ok else "sandbox: SOME CHECKS FAILED")
+        return 0 if ok else 1
+
+
+async def _rotation(w: World, namespace: str, name: str) -> bool:
+    before = await w.get(namespace, name)
+    assert before is not None
+    status = before["status"]
+    renew_at = datetime.datetime.fromisoformat(status["renewAt"].replace("Z", "+00:00"))
+    jump = renew_at - w.clock() + datetime.timedelta(minutes=1)
+    _line(f"fast-forwarding {jump.days} days past {namespace}/{name}'s renewal time ...")
+    w.advance(jump)
+
+    async def renewed() -> dict[str, Any] | None:
+        obj = await w.get(namespace, name)
+        if obj and obj["status"].get("expiresAt") != status["expiresAt"]:
+            return obj
+        return None
+
+    after = await w.wait_for(renewed, timeout=60, what="the static identity to renew")
+    _line(f"  expiresAt    {status['expiresAt']} → {after['status']['expiresAt']}")
+    _line(
+        f"  identity     {after['status']['identityId']} (rotated at {after['status'].get('lastRotatedAt')})"
+    )
+    data = await w.config_map(namespace, after["status"]["configMapName"]) or {}
+    sa = after["spec"].get("serviceAccountName", "default")
+    return await _pod_flow(w, namespace, sa, data["CHAINGUARD_IDENTITY"])
+
+
+def _serve_banner(w: World) -> None:
+    _line()
+    _line("serving; press Ctrl-C to stop. Try:")
+    _line(f"  export KUBECONFIG={w.kubeconfig}")
+    _line("  kubectl get cgid -A")
+    _line("  kubectl get --raw /openid/v1/jwks")
+    _line("  kubectl create token default -n shop --audience issuer.enforce.dev")
+    _line(f"  Chainguard API  {w.chainguard.api_url}")
+    _line(f"  STS             {w.chainguard.sts_url}/sts/exchange")
+    _line(
+        f'  curl -s -H "Authorization: Bearer $(kubectl create token default -n shop --audience issuer.enforce.dev)" '
+        f'"{w.chainguard.sts_url}/sts/exchange?aud=https://console-api.enforce.dev&identity=<CHAINGUARD_IDENTITY>"'
+    )
+
+
+async def _wait_for_interrupt() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,1 @@
+"""Emulators of the outside world (Chainguard, Kubernetes) shared by the tests and the sandbox."""

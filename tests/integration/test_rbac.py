@@ -1,0 +1,378 @@
+"""The ClusterRole in ``deploy/`` covers every Kubernetes API call the operator makes, and grants nothing else.
+
+Two derivations, neither from a hand-copied list of calls:
+
+- **Observed**: the real operator (kopf + the client layer) runs through the harness against the
+  Kubernetes emulator — a ClaimMatch and a Static resource become Ready, one is Stalled, one is edited
+  into a replacement (so its ConfigMap is patched), one is deleted through the finalizer. Every request the
+  emulator recorded from the operator (told apart by User-Agent: kopf's own, and the ``kubernetes``
+  client's) is mapped to what RBAC authorizes — (apiGroup, resource[/subresource], verb), or
+  (nonResourceURL, get) — and checked against the rendered rules. Then every verb the rules grant must
+  have been used, except for a short, commented allow-list of calls a short run does not reach.
+- **Static**: every Kubernetes API method that ``cluster.py`` calls (found in its AST) is invoked on a
+  recording ``ApiClient``, which yields its real HTTP method and path; those map into the rules the same way.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import dataclasses
+import inspect
+import pathlib
+import shutil
+import subprocess
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import httpx
+import kubernetes.client
+import pytest
+import yaml
+
+from chainguard_identity_operator import cluster, crd
+from chainguard_identity_operator.testing.harness import World, world
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROLE = "chainguard-identity-operator"
+TEST_USER_AGENT = "rbac-test-harness"
+# Who is who in the emulator's request log.
+OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")  # kopf's aiohttp session; the `kubernetes` client
+STS_EMULATOR_AGENT = "Python/"  # aiohttp's default: the Chainguard emulator fetching the issuer's keys
+# API discovery, which every authenticated user may read (the built-in system:discovery ClusterRole).
+DISCOVERY_PATHS = ("/api", "/apis", "/version")
+
+# Granted (apiGroup, resource, verb)s that a short run does not exercise, each with the reason the operator
+# still needs it. Empty today: the run below uses every verb deploy/ grants. (kopf's namespace listing for
+# CGID_NAMESPACES is deliberately not granted: kopf then takes the configured names as given.)
+NOT_EXERCISED: Mapping[tuple[str, str, str], str] = {}
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Permission:
+    """What one request needs from RBAC: a resource verb, or ``get`` on a non-resource URL."""
+
+    group: str | None
+    resource: str | None
+    verb: str
+    url: str | None = None
+
+    def __str__(self) -> str:
+        if self.url is not None:
+            return f"{self.verb} {self.url}"
+        return f"{self.verb} {self.resource} ({self.group or 'core'})"
+
+
+def permission(method: str, path: str, params: Mapping[str, str]) -> Permission | None:
+    """Map a request to the permission the API server checks, by Kubernetes' URL rules.
+    ``None`` for API discovery, which RBAC grants to everyone."""
+    parts = [part for part in path.split("/") if part]
+    if parts and parts[0] == "api" and len(parts) >= 2:
+        group, rest = "", parts[2:]
+    elif parts and parts[0] == "apis" and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        rest = []
+    if not rest:
+        if path.rstrip("/") in DISCOVERY_PATHS or parts[:1] in (["api"], ["apis"]):
+            return None
+        return Permission(None, None, method.lower(), url=path)
+    if (
+        len(rest) >= 3
+        and rest[0] == "namespaces"
+        and not (len(rest) == 3 and rest[2] in ("status", "finalize"))
+    ):
+        rest = rest[2:]
+    resource = "/".join([rest[0], *rest[2:]])  # plural, then /subresource
+    named = len(rest) >= 2
+    if method == "GET":
+        verb = "watch" if params.get("watch") in ("true", "1") else ("get" if named else "list")
+    else:
+        verb = {
+            "POST": "create",
+            "PUT": "update",
+            "PATCH": "patch",
+            "DELETE": "delete" if named else "deletecollection",
+        }[method]
+    return Permission(group, resource, verb)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    rules: tuple[Mapping[str, Any], ...]
+
+    def allows(self, wanted: Permission) -> bool:
+        for rule in self.rules:
+            if wanted.verb not in rule["verbs"]:
+                continue
+            if wanted.url is not None and wanted.url in rule.get("nonResourceURLs", []):
+                return True
+            if (
+                wanted.url is None
+                and wanted.group in rule.get("apiGroups", [])
+                and wanted.resource in rule.get("resources", [])
+            ):
+                return True
+        return False
+
+    def granted(self) -> set[Permission]:
+        return {
+            Permission(group, resource, verb)
+            for rule in self.rules
+            for group in rule.get("apiGroups", [])
+            for resource in rule.get("resources", [])
+            for verb in rule["verbs"]
+        } | {
+            Permission(None, None, verb, url=url)
+            for rule in self.rules
+            for url in rule.get("nonResourceURLs", [])
+            for verb in rule["verbs"]
+        }
+
+
+@pytest.fixture(scope="module")
+def rules() -> Rules:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to render deploy/ (it ships with these machines' image)"
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / "deploy")], capture_output=True, text=True, timeout=60, check=True
+    )
+    roles = [
+        doc
+        for doc in yaml.safe_load_all(rendered.stdout)
+        if doc and doc["kind"] == "ClusterRole" and doc["metadata"]["name"] == ROLE
+    ]
+    assert len(roles) == 1
+    for rule in roles[0]["rules"]:
+        # Least privilege starts with naming things: no wildcards anywhere.
+        for key in ("apiGroups", "resources", "verbs", "nonResourceURLs"):
+            assert "*" not in rule.get(key, []), rule
+    return Rules(tuple(roles[0]["rules"]))
+
+
+def describe(permissions: Iterable[Permission]) -> str:
+    return ", ".join(str(p) for p in sorted(permissions)) or "nothing"
+
+
+# -- observed: the operator's own requests ------------------------------------------------------------
+
+
+def cr(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+async def exercise(w: World) -> None:
+    """A short life of three resources: create, become Ready or Stalled, edit, delete through the finalizer."""
+    w.kube.add_service_account("default", "builder")
+    await w.apply(cr("puller", "shop", mode="ClaimMatch", parent=w.org))
+    await w.apply(cr("builder", "default", mode="Static", parent=w.org, serviceAccountName="builder"))
+    await w.apply(cr("greedy", "shop", parent=w.org, roles=["owner"]))
+    first = (await w.wait_ready("shop", "puller"))["status"]["identityId"]
+    await w.wait_ready("default", "builder")
+    await w.wait_condition("shop", "greedy", "Stalled", "True", reason="RoleNotAllowed")
+
+    # An edit that replaces the identity, so the existing ConfigMap is patched with the new ID.
+    await w.apply(cr("puller", "shop", mode="Static", parent=w.org))
+
+    async def replaced() -> dict[str, str] | None:
+        data = await w.config_map("shop", "puller-chainguard-identity")
+        return data if data and data["CHAINGUARD_IDENTITY"] != first else None
+
+    await w.wait_for(replaced, what="the ConfigMap to name the replacement identity")
+    await w.wait_ready("shop", "puller")
+
+    await w.delete("default", "builder")
+
+    async def gone() -> bool:
+        return await w.get("default", "builder") is None
+
+    await w.wait_for(gone, what="the finalizer to release default/builder")
+
+
+Observed = list[tuple[str, str, str, dict[str, str]]]
+
+
+async def run_and_record() -> list[Any]:
+    async with world() as w:
+        await exercise(w)
+        return list(w.kube)  # a kmock handler iterates over the requests it has served
+
+
+@pytest.fixture(scope="module")
+def observed() -> Observed:
+    """(user agent, method, path, query) of every request the emulator served during ``exercise``.
+    One run for the module (a sync fixture with its own event loop), shared by the tests below."""
+    original = World.client
+
+    def tagged_client(self: World) -> httpx.AsyncClient:
+        # The test's own requests (apply, get, delete) carry their own User-Agent.
+        return httpx.AsyncClient(base_url=self.kube_url, timeout=10, headers={"User-Agent": TEST_USER_AGENT})
+
+    World.client = tagged_client  # type: ignore[method-assign]
+    try:
+        requests = asyncio.run(run_and_record())
+    finally:
+        World.client = original  # type: ignore[method-assign]
+    return [
+        (r.headers.get("User-Agent", ""), str(r.method.value), r.url.path, dict(r.params or {}))
+        for r in requests
+    ]
+
+
+def operator_permissions(observed: Observed) -> set[Permission | None]:
+    return {
+        permission(method, path, params)
+        for agent, method, path, params in observed
+        if agent.startswith(OPERATOR_AGENTS)
+    }
+
+
+def test_every_request_is_attributed(observed: Observed) -> None:
+    """No request escapes the check by coming from an unknown client."""
+    for agent, method, path, _params in observed:
+        if agent.startswith(OPERATOR_AGENTS) or agent == TEST_USER_AGENT:
+            continue
+        assert agent.startswith(STS_EMULATOR_AGENT), f"{method} {path} from unknown client {agent!r}"
+        assert path in ("/.well-known/openid-configuration", "/openid/v1/jwks"), path
+    assert any(agent.startswith("kopf/") for agent, *_ in observed)
+    assert any(agent.startswith("OpenAPI-Generator/") for agent, *_ in observed)
+
+
+def test_the_role_allows_every_request_the_operator_made(observed: Observed, rules: Rules) -> None:
+    used = {p for p in operator_permissions(observed) if p is not None}
+    missing = {p for p in used if not rules.allows(p)}
+    assert not missing, f"deploy/ does not grant: {describe(missing)}"
+
+
+def test_the_role_grants_nothing_the_operator_does_not_use(observed: Observed, rules: Rules) -> None:
+    used = {p for p in operator_permissions(observed) if p is not None}
+    unused = {
+        p for p in rules.granted() if p not in used and (p.group, p.resource, p.verb) not in NOT_EXERCISED
+    }
+    assert not unused, f"deploy/ grants what the operator never used: {describe(unused)}"
+    stale = {key for key in NOT_EXERCISED if Permission(*key) in used}
+    assert not stale, f"remove from NOT_EXERCISED, the run uses them: {stale}"
+
+
+# -- static: the client layer's calls -----------------------------------------------------------------
+
+
+class Recorded(Exception):
+    """Raised instead of sending: the request has been recorded."""
+
+
+class RecordingApiClient(kubernetes.client.ApiClient):  # type: ignore[misc]
+    """Records (method, path, query) of a request instead of sending it."""
+
+    def __init__(self) -> None:
+        super().__init__(kubernetes.client.Configuration())
+        self.calls: list[tuple[str, str, dict[str, str]]] = []
+
+    def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        parts = urllib.parse.urlsplit(url)
+        self.calls.append((method, parts.path, dict(urllib.parse.parse_qsl(parts.query))))
+        raise Recorded
+
+
+def api_calls_in_cluster_py() -> list[tuple[str, str, list[ast.expr]]]:
+    """(API class name, method name, positional args) of every ``self._x.method(...)`` in cluster.py, with
+    the class taken from the ``self._x = kubernetes.client.SomeApi(...)`` assignment."""
+    tree = ast.parse(inspect.getsource(cluster))
+    apis: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Attribute)
+            and node.value.func.attr.endswith("Api")
+        ):
+            for target in node.targets:
+                if isinstance(target, ast.Attribute):
+                    apis[target.attr] = node.value.func.attr
+
+    def api_method(node: ast.AST) -> tuple[str, str] | None:
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr in apis
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+        ):
+            return apis[node.value.attr], node.attr
+        return None
+
+    calls: dict[tuple[str, str], list[ast.expr]] = {}
+    for node in ast.walk(tree):
+        # A method passed along uncalled (``self._openid.get_...``) counts too, with no arguments known.
+        found = api_method(node)
+        if found is not None:
+            calls.setdefault(found, [])
+        if isinstance(node, ast.Call) and (found := api_method(node.func)) is not None:
+            calls[found] = list(node.args)
+    return [(api, method, args) for (api, method), args in calls.items()]
+
+
+def argument_value(node: ast.expr | None, name: str) -> Any:
+    """A constant of cluster.py (GROUP, PLURAL, ...) where the call names one, else a stand-in."""
+    if isinstance(node, ast.Name) and isinstance(getattr(cluster, node.id, None), str):
+        return getattr(cluster, node.id)
+    if isinstance(node, ast.Constant):
+        return node.value
+    return {} if name == "body" else f"some-{name.replace('_', '-')}"
+
+
+def test_the_client_layer_s_calls_are_all_granted(rules: Rules) -> None:
+    calls = api_calls_in_cluster_py()
+    assert calls, "cluster.py makes no Kubernetes API calls? The AST walk is broken."
+    needed: set[Permission] = set()
+    for api_name, method_name, args in calls:
+        recorder = RecordingApiClient()
+        api = getattr(kubernetes.client, api_name)(recorder)
+        # The generated method without its pydantic argument validation: stand-in bodies are enough here.
+        method = getattr(type(api), method_name).raw_function
+        parameters = [
+            p
+            for p in inspect.signature(method).parameters.values()
+            if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty and p.name != "self"
+        ]
+        values = [
+            argument_value(args[i] if i < len(args) else None, p.name) for i, p in enumerate(parameters)
+        ]
+        with pytest.raises(Recorded):
+            method(api, *values)
+        ((http_method, path, query),) = recorder.calls
+        wanted = permission(http_method, path, query)
+        assert wanted is not None, f"{api_name}.{method_name} is API discovery?"
+        needed.add(wanted)
+    missing = {p for p in needed if not rules.allows(p)}
+    assert not missing, f"cluster.py calls what deploy/ does not grant: {describe(missing)}"
+    # The client layer's calls are the operator's own; kopf adds watching and its finalizer patches.
+    assert Permission(crd.GROUP, f"{crd.PLURAL}/status", "patch") in needed
+    assert Permission("", "configmaps", "create") in needed
+    assert Permission(None, None, "get", url="/openid/v1/jwks") in needed
+
+
+def test_the_request_mapping_follows_kubernetes_url_rules() -> None:
+    """The mapper the two checks above rely on, on the URL shapes the operator and kopf use."""
+    ns = "/api/v1/namespaces/shop"
+    cgids = f"/apis/{crd.GROUP}/{crd.VERSION}"
+    assert permission("GET", f"{ns}/configmaps/x", {}) == Permission("", "configmaps", "get")
+    assert permission("PATCH", f"{ns}/configmaps/x", {}) == Permission("", "configmaps", "patch")
+    assert permission("POST", f"{ns}/events", {}) == Permission("", "events", "create")
+    assert permission("GET", f"{cgids}/{crd.PLURAL}", {}) == Permission(crd.GROUP, crd.PLURAL, "list")
+    assert permission("GET", f"{cgids}/{crd.PLURAL}", {"watch": "true"}) == Permission(
+        crd.GROUP, crd.PLURAL, "watch"
+    )
+    status = f"{cgids}/namespaces/shop/{crd.PLURAL}/x/status"
+    assert permission("PATCH", status, {}) == Permission(crd.GROUP, f"{crd.PLURAL}/status", "patch")
+    assert permission("DELETE", f"{ns}/configmaps", {}) == Permission("", "configmaps", "deletecollection")
+    assert permission("PUT", "/api/v1/namespaces/shop", {}) == Permission("", "namespaces", "update")
+    assert permission("PUT", "/api/v1/namespaces/shop/finalize", {}) == Permission(
+        "", "namespaces/finalize", "update"
+    )
+    assert permission("GET", "/openid/v1/jwks", {}) == Permission(None, None, "get", url="/openid/v1/jwks")
+    for discovery in ("/api", "/api/v1", "/apis", f"/apis/{crd.GROUP}", cgids, "/version"):
+        assert permission("GET", discovery, {}) is None, discovery
