@@ -71,6 +71,9 @@ class Observed:
     # When each retired identity may go: pods reading a mounted ConfigMap need time to see the new ID.
     retire_after: Mapping[str, datetime.datetime] = dataclasses.field(default_factory=dict)
     force_rotation: bool = False  # a new value of the rotate annotation asks for a renewal now
+    # Bindings an adopted identity already had: never removed, or adopting the operator's own
+    # identity would strip its owner role and lock it out.
+    foreign_bindings: frozenset[str] = frozenset()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -356,6 +359,8 @@ def decide(target: Target, observed: Observed, now: datetime.datetime) -> Action
     wanted = set(target.role_ids.values())
     seen: set[str] = set()
     for binding in managed:
+        if binding.uid in observed.foreign_bindings:
+            continue
         if binding.role_uid not in wanted or binding.role_uid in seen:
             return UnbindRole(binding=binding)  # unwanted, or a duplicate of a wanted one
         seen.add(binding.role_uid)

@@ -23,6 +23,9 @@ from chainguard_identity_operator.reconcile import ROTATE_ANNOTATION
 from chainguard_identity_operator.runtime import Runtime
 
 FINALIZER = f"{GROUP}/finalizer"
+# kopf ignores every annotation under its storage prefix when it diffs objects, so its bookkeeping lives
+# under its own sub-domain: ``iam.chainguard.dev/rotate`` must stay visible to the update handler.
+KOPF_PREFIX = f"kopf.{GROUP}"
 RESOURCE = (GROUP, VERSION, PLURAL)
 
 
@@ -36,9 +39,9 @@ def _runtime(memo: kopf.Memo) -> Runtime:
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     """Our own names for kopf's bookkeeping, and only warnings from kopf as Kubernetes events."""
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
+        prefix=KOPF_PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300

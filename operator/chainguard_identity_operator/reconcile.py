@@ -479,10 +479,16 @@ async def reconcile(ctx: Context, resource: Resource) -> Outcome:
             ]
         else:
             state_events = []
+        bindings = await _bindings(ctx, identity)
+        foreign: frozenset[str] = frozenset()
+        if adopted is not None:
+            recorded_ids = {b.binding_id for b in recorded.role_bindings}
+            foreign = frozenset(b.uid for b in bindings if b.uid not in recorded_ids)
         state = _Pass(
             observed=Observed(
                 identity=identity,
-                bindings=await _bindings(ctx, identity),
+                bindings=bindings,
+                foreign_bindings=foreign,
                 config_map=config_map.data if config_map is not None else None,
                 retired=retired,
                 retire_after=retire_after,
@@ -556,7 +562,9 @@ def _ready_message(target: Target, observed: Observed) -> str:
 async def apply(ctx: Context, resource: Resource) -> Outcome:
     """Reconcile, then write the status and post the events: the whole pass as the handler runs it."""
     outcome = await reconcile(ctx, resource)
-    await ctx.cluster.patch_status(resource.ref, outcome.status)
+    # A merge patch: fields this pass dropped (retiring, keys after a switch to ClaimMatch) need null.
+    dropped = {key: None for key in resource.status if key not in outcome.status and key != "kopf"}
+    await ctx.cluster.patch_status(resource.ref, {**dropped, **outcome.status})
     for event in outcome.events:
         await ctx.cluster.post_event(
             resource.ref, warning=event.warning, reason=event.reason, message=event.message

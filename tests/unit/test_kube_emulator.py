@@ -40,7 +40,11 @@ def make_crd(*, status: bool = True, plural: str = PLURAL, kind: str = "KTest") 
         "served": True,
         "storage": True,
         "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
-        "additionalPrinterColumns": [{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}],
+        "additionalPrinterColumns": [
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+            {"name": "Expires", "type": "date", "jsonPath": ".status.expiresAt"},
+        ],
     }
     if status:
         version["subresources"] = {"status": {}}
@@ -166,6 +170,16 @@ async def test_group_discovery_lists_builtin_groups_and_installed_crds(api: http
     assert (await api.get("/apis/unknown.test/v1")).status_code == 404
 
 
+async def test_openapi_v3_tells_kubectl_the_server_validates_fields(api: httpx.AsyncClient) -> None:
+    root = (await api.get("/openapi/v3")).json()["paths"]
+    assert {"api/v1", f"apis/{GROUP}/{VERSION}", "apis/apiextensions.k8s.io/v1"} <= set(root)
+    document = (await api.get(root[f"apis/{GROUP}/{VERSION}"]["serverRelativeURL"])).json()
+    patch = document["paths"][f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}"]["patch"]
+    assert patch["x-kubernetes-group-version-kind"] == {"group": GROUP, "version": VERSION, "kind": "KTest"}
+    assert {"name": "fieldValidation", "in": "query"}.items() <= patch["parameters"][2].items()
+    assert (await api.get("/openapi/v3/apis/unknown.test/v1")).status_code == 404
+
+
 async def test_crd_posted_through_the_api_registers_its_resource(api: httpx.AsyncClient) -> None:
     other = make_crd(plural="others", kind="Other")
     assert (await api.get(f"/apis/{GROUP}/{VERSION}/namespaces/default/others")).status_code == 404
@@ -178,6 +192,48 @@ async def test_crd_posted_through_the_api_registers_its_resource(api: httpx.Asyn
     assert listed.json()["kind"] == "OtherList"
     crds = (await api.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")).json()["items"]
     assert {c["metadata"]["name"] for c in crds} == {f"{PLURAL}.{GROUP}", f"others.{GROUP}"}
+
+
+async def test_a_crd_that_cannot_be_served_is_refused(kube: KubeEmulator, api: httpx.AsyncClient) -> None:
+    broken = make_crd(plural="brokens", kind="Broken")
+    broken["spec"]["versions"] = []
+    refused = await api.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=broken)
+    assert refused.status_code == 422
+    assert kube.current("apiextensions.k8s.io/v1/customresourcedefinitions", None, f"brokens.{GROUP}") is None
+    with pytest.raises(kube_module.ApiError):
+        kube.install_crd(broken)
+
+
+async def test_kmock_reactions_still_override_requests_and_then_nothing_is_written(
+    kube: KubeEmulator, api: httpx.AsyncClient
+) -> None:
+    kube["post", kmock.resource("", "v1", "configmaps")][:1] << 503 << {"kind": "Status", "code": 503}
+    failed = await api.post(CONFIGMAPS, json={"metadata": {"name": "cm"}})
+    assert failed.status_code == 503
+    assert kube.current("v1/configmaps", "default", "cm") is None
+    retried = await api.post(CONFIGMAPS, json={"metadata": {"name": "cm"}})  # the reaction was used up
+    assert retried.status_code == 201
+    assert kube.current("v1/configmaps", "default", "cm") == retried.json()
+
+
+async def test_lists_render_as_tables_with_the_crd_printer_columns(
+    kube: KubeEmulator, api: httpx.AsyncClient
+) -> None:
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    kube.clock = lambda: now
+    await api.post(KTESTS, json=ktest("one"))
+    status = {
+        "phase": "Up",
+        "conditions": [{"type": "Other", "status": "False"}, {"type": "Ready", "status": "True"}],
+        "expiresAt": (now + datetime.timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    await api.patch(f"{KTESTS}/one/status", json={"status": status}, headers=MERGE)
+    kube.clock = lambda: now + datetime.timedelta(hours=2)
+    table = (await api.get(KTESTS, headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})).json()
+    assert table["kind"] == "Table"
+    assert [c["name"] for c in table["columnDefinitions"]] == ["Name", "Phase", "Ready", "Expires", "Age"]
+    assert table["rows"][0]["cells"] == ["one", "Up", "True", "<invalid>", "2h"]  # future dates print so
+    assert table["rows"][0]["object"]["metadata"]["name"] == "one"
 
 
 # -- create, resourceVersion, generation ------------------------------------------------------------------
@@ -415,8 +471,13 @@ async def test_without_a_status_subresource_status_is_part_of_the_object(
 
 
 async def test_finalizers_hold_deletion_until_the_last_one_is_removed(api: httpx.AsyncClient) -> None:
-    await api.post(KTESTS, json=ktest("one", metadata={"name": "one", "finalizers": ["a/x", "a/y"]}))
-    async with watching(api, KTESTS) as watcher:
+    created = await api.post(
+        KTESTS, json=ktest("one", metadata={"name": "one", "finalizers": ["a/x", "a/y"]})
+    )
+    # Watching from the object's resourceVersion: no event can slip by before the stream is open.
+    async with watching(
+        api, KTESTS, resourceVersion=created.json()["metadata"]["resourceVersion"]
+    ) as watcher:
         deleting = await api.delete(f"{KTESTS}/one")
         assert deleting.status_code == 200
         meta = deleting.json()["metadata"]
@@ -511,8 +572,10 @@ async def test_watch_streams_changes_with_current_resource_versions(api: httpx.A
 
 
 async def test_watch_filters_by_label_selector_and_namespace(api: httpx.AsyncClient) -> None:
-    await api.post("/api/v1/namespaces", json={"metadata": {"name": "other"}})
-    async with watching(api, "/api/v1/configmaps", labelSelector="app=x,tier notin (db)") as watcher:
+    created = await api.post("/api/v1/namespaces", json={"metadata": {"name": "other"}})
+    since = created.json()["metadata"]["resourceVersion"]
+    selector = "app=x,tier notin (db)"
+    async with watching(api, "/api/v1/configmaps", labelSelector=selector, resourceVersion=since) as watcher:
         await api.post(
             "/api/v1/namespaces/other/configmaps", json={"metadata": {"name": "o", "labels": {"app": "x"}}}
         )
@@ -733,9 +796,10 @@ async def test_kubectl_works_against_the_emulator(kube: KubeEmulator, tmp_path: 
     assert [(cm["metadata"]["name"], cm["data"]) for cm in listed["items"]] == [("hello", {"a": "1"})]
 
     assert "created" in await asyncio.to_thread(kubectl, "apply", "-f", str(custom))
-    table = await asyncio.to_thread(kubectl, "get", PLURAL)
-    assert table.split()[:4] == ["NAME", "PHASE", "AGE", "applied"]
-    assert table.split()[4] == "<none>"  # the status in the manifest was dropped: the subresource owns it
+    table = (await asyncio.to_thread(kubectl, "get", PLURAL)).splitlines()
+    assert table[0].split() == ["NAME", "PHASE", "READY", "EXPIRES", "AGE"]
+    # The status in the manifest was dropped on create: the status subresource owns it.
+    assert table[1].split()[:4] == ["applied", "<none>", "<none>", "<none>"]
     assert "applied" in await asyncio.to_thread(kubectl, "get", "kt", "-o", "name")
 
 
@@ -797,9 +861,7 @@ async def test_kopf_handles_create_and_delete_once_with_its_finalizer(
 
     assert created == ["k1"]
     assert deleted == ["k1"]
-    json_patches = [
-        r for r in kube._requests if r.headers.get("Content-Type") == "application/json-patch+json"
-    ]
+    json_patches = [r for r in kube if r.headers.get("Content-Type") == "application/json-patch+json"]
     finalizer_adds = [r for r in json_patches if any(op["op"] == "add" for op in r.data)]
     assert len(finalizer_adds) == 1  # kopf's optimistic JSON patch went through the first time
     assert (await api.get(f"{KTESTS}/k1")).status_code == 404

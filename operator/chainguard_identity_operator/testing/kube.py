@@ -426,7 +426,10 @@ def _utcnow() -> datetime.datetime:
 
 @attrs.define(kw_only=True)
 class KubeEmulator(kmock.KubernetesEmulator):
-    """A stateful Kubernetes API server: ``async with KubeEmulator() as kube, kmock.Server(kube) as server``."""
+    """A stateful Kubernetes API server: ``async with KubeEmulator() as kube, kmock.Server(kube) as server``.
+
+    Not thread-safe: call its methods from the thread that runs its event loop (HTTP clients may live anywhere).
+    """
 
     issuer: str = DEFAULT_ISSUER
     clock: Callable[[], datetime.datetime] | None = None
@@ -457,7 +460,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # -- public API for tests and the sandbox ---------------------------------------------------------
 
     def install_crd(self, crd: Mapping[str, Any]) -> None:
-        """Register the resource a CRD manifest defines and store the CRD (created or replaced)."""
+        """Register the resource a CRD manifest defines and store the CRD (created or replaced).
+
+        Raises ``ApiError`` (422 Invalid) for a CRD without group, names or a served version.
+        """
         body = copy.deepcopy(dict(crd))
         body.setdefault("apiVersion", "apiextensions.k8s.io/v1")
         body.setdefault("kind", "CustomResourceDefinition")
@@ -740,7 +746,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if not isinstance(timestamp, str):
             return "<unknown>"
         then = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-        seconds = max(0, int((self._now() - then).total_seconds()))
+        seconds = int((self._now() - then).total_seconds())
+        if seconds < -1:
+            return "<invalid>"  # what the API server prints for a date in the future
+        seconds = max(0, seconds)
         for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
             if seconds >= size:
                 return f"{seconds // size}{unit}"
@@ -854,6 +863,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _http_create(self, request: kmock.Request) -> tuple[int, Any]:
         resource, _ = self._lookup(request)
+        _refuse_protobuf(request)
         body = request.data
         if not isinstance(body, dict):
             raise _bad_request("the body of the request must be a JSON object")
@@ -887,6 +897,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if content_type == "application/json-patch+json":
             try:
                 candidate = jsonpatch.JsonPatch(patch).apply(target)
+            except jsonpatch.InvalidJsonPatch as exc:
+                raise _bad_request(str(exc)) from None
             except jsonpatch.JsonPatchException as exc:
                 # A failed "test" op, as in kopf's resourceVersion guard, is 422 on a real server too.
                 msg = f"the server rejected our request due to an error in our request: {exc}"
@@ -901,9 +913,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if not isinstance(candidate, dict):
             raise _bad_request("the patched object is not a JSON object")
         result = self._update(
-            resource, request.namespace, request.name, candidate, old=old, subresource=subresource,
+            resource,
+            request.namespace,
+            request.name,
+            candidate,
+            old=old,
+            subresource=subresource,
             dry_run=self._dry_run(request),
-        )  # fmt: skip
+        )
         return 200, result
 
     def _patch_body(self, request: kmock.Request, content_type: str) -> Any:
@@ -935,6 +952,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
             )
         subresource = self._writable_subresource(info, request.subresource)
+        _refuse_protobuf(request)
         body = request.data
         if not isinstance(body, dict):
             raise _bad_request("the body of the request must be a JSON object")
@@ -946,9 +964,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if old is None:
             raise _not_found(resource, request.name)
         result = self._replace(
-            resource, request.namespace, request.name, body, old=old, subresource=subresource,
+            resource,
+            request.namespace,
+            request.name,
+            body,
+            old=old,
+            subresource=subresource,
             dry_run=self._dry_run(request),
-        )  # fmt: skip
+        )
         return 200, result
 
     def _writable_subresource(self, info: kmock.ResourceInfo, subresource: str | None) -> str | None:
@@ -978,9 +1001,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 raise _conflict(resource, request.name)
         policy = options.get("propagationPolicy") or request.params.get("propagationPolicy") or "Background"
         obj, removed = self._delete(
-            resource, request.namespace, request.name, old=old, orphan=policy == "Orphan",
+            resource,
+            request.namespace,
+            request.name,
+            old=old,
+            orphan=policy == "Orphan",
             dry_run=self._dry_run(request),
-        )  # fmt: skip
+        )
         if removed and resource.group == "" and resource.plural not in ("pods", "namespaces"):
             # Built-in resources answer an immediate deletion with a Status, not the object.
             details = _details(resource, request.name) | {"uid": _meta(obj).get("uid")}
@@ -1405,6 +1432,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if resource == _NAMESPACES:
             obj["status"] = {"phase": "Terminating" if _meta(obj).get("deletionTimestamp") else "Active"}
         elif resource == _CRD_RESOURCE:
+            _crd_registration(obj)  # refuse a CRD that cannot be served before anything is stored
             spec = obj.get("spec") or {}
             now = format_time(self._now())
             conditions = [
@@ -1426,28 +1454,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # -- custom resources ----------------------------------------------------------------------------------
 
     def _register_crd(self, crd: Mapping[str, Any]) -> None:
-        spec = crd.get("spec") or {}
-        names = spec.get("names") or {}
-        versions = [v for v in spec.get("versions") or [] if v.get("served", True)]
-        storage = next((v for v in versions if v.get("storage")), versions[0] if versions else None)
-        if not spec.get("group") or not names.get("plural") or not names.get("kind") or storage is None:
-            raise ValueError("a CRD needs spec.group, spec.names.plural/kind and a served version")
-        # Only the storage version is served: objects are not converted between versions here.
-        resource = kmock.resource(spec["group"], storage["name"], names["plural"])
+        resource, info = _crd_registration(crd)
         crd_name = _meta(crd)["name"]
         previous = self._crd_resources.get(crd_name)
         if previous is not None and previous != resource:
             del self.resources[previous]
         self._crd_resources[crd_name] = resource
-        self.resources[resource] = kmock.ResourceInfo(
-            kind=names["kind"],
-            singular=names.get("singular") or names["kind"].lower(),
-            namespaced=spec.get("scope", "Namespaced") == "Namespaced",
-            shortnames=set(names.get("shortNames") or []),
-            categories=set(names.get("categories") or []),
-            verbs=set(_VERBS),
-            subresources={"status"} if "status" in (storage.get("subresources") or {}) else set(),
-        )
+        self.resources[resource] = info
 
     def _unregister_crd(self, crd_name: str) -> None:
         resource = self._crd_resources.pop(crd_name, None)
@@ -1459,11 +1472,41 @@ class KubeEmulator(kmock.KubernetesEmulator):
         del self.resources[resource]
 
 
+def _crd_registration(crd: Mapping[str, Any]) -> tuple[kmock.resource, kmock.ResourceInfo]:
+    """The resource a CRD serves. Only its storage version is served: nothing converts between versions."""
+    spec = crd.get("spec") or {}
+    names = spec.get("names") or {}
+    versions = [v for v in spec.get("versions") or [] if v.get("served", True)]
+    storage = next((v for v in versions if v.get("storage")), versions[0] if versions else None)
+    if not spec.get("group") or not names.get("plural") or not names.get("kind") or storage is None:
+        name = str(_meta(crd).get("name"))
+        msg = "spec.group, spec.names.plural, spec.names.kind and a served version are required"
+        raise _invalid(_CRD_RESOURCE, name, msg)
+    resource = kmock.resource(spec["group"], storage["name"], names["plural"])
+    info = kmock.ResourceInfo(
+        kind=names["kind"],
+        singular=names.get("singular") or names["kind"].lower(),
+        namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+        shortnames=set(names.get("shortNames") or []),
+        categories=set(names.get("categories") or []),
+        verbs=set(_VERBS),
+        subresources={"status"} if "status" in (storage.get("subresources") or {}) else set(),
+    )
+    return resource, info
+
+
 def _group_version_path(resource: kmock.resource) -> str:
     return f"/apis/{resource.group}/{resource.version}" if resource.group else f"/api/{resource.version}"
 
 
 _PROTOBUF = "application/vnd.kubernetes.protobuf"
+
+
+def _refuse_protobuf(request: kmock.Request) -> None:
+    if request.headers.get("Content-Type", "").startswith(_PROTOBUF):
+        # Only TokenRequest is decoded from protobuf (for kubectl create token); other bodies must be JSON.
+        msg = f"the emulator accepts JSON bodies only here, not {_PROTOBUF}"
+        raise ApiError(415, "UnsupportedMediaType", msg)
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -1568,5 +1611,6 @@ def write_kubeconfig(
     }
     # The file may hold a bearer token: readable by its owner only.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file existed with looser permissions
     with os.fdopen(fd, "w", encoding="utf-8") as file:
         yaml.safe_dump(config, file, sort_keys=False)

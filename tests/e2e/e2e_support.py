@@ -1,0 +1,144 @@
+"""Helpers of the real-cluster suite (fixtures are in conftest.py): kubectl as an admin, waiting on
+conditions, the operator's own kubeconfig."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import pathlib
+import shutil
+import subprocess
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import yaml
+
+from chainguard_identity_operator.config import Settings
+from chainguard_identity_operator.testing.chainguard import ChainguardEmulator
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+OPERATOR_NAMESPACE = "chainguard-system"
+OPERATOR_ACCOUNT = "chainguard-identity-operator"
+OPERATOR_SUBJECT = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
+ORG_NAME = "my-org.example"  # what examples/auto.yaml names as parentName
+# What the test installs from the rendered deploy/: the operator runs in this process, not in a pod.
+INSTALLED_KINDS = {
+    "Namespace",
+    "CustomResourceDefinition",
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+}
+TIMEOUT = 120.0
+
+T = TypeVar("T")
+
+
+def kubectl_sync(kubeconfig: pathlib.Path, *args: str, stdin: str | None = None) -> str:
+    """kubectl, for set-up before the operator (and its event loop) is running."""
+    binary = shutil.which("kubectl")
+    assert binary, "the e2e suite needs kubectl on PATH"
+    result = subprocess.run(
+        [binary, f"--kubeconfig={kubeconfig}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+@dataclasses.dataclass
+class Cluster:
+    """The real cluster, driven as an admin with kubectl (asynchronously, beside the running operator)."""
+
+    kubeconfig: pathlib.Path
+
+    async def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        binary = shutil.which("kubectl")
+        assert binary, "the e2e suite needs kubectl on PATH"
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            f"--kubeconfig={self.kubeconfig}",
+            *args,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(
+            process.communicate(stdin.encode() if stdin is not None else None), timeout=TIMEOUT
+        )
+        if check and process.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {err.decode().strip()}")
+        return out.decode()
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        out = await self.kubectl("get", kind, name, "-n", namespace, "-o", "json", "--ignore-not-found")
+        return json.loads(out) if out.strip() else None
+
+    async def apply(self, manifest: dict[str, Any]) -> None:
+        await self.kubectl("apply", "-f", "-", stdin=json.dumps(manifest))
+
+    async def token(self, namespace: str, account: str, *, audience: str | None = None) -> str:
+        """A token from the TokenRequest API, as the kubelet would project it (default audience: the
+        API server's own, i.e. a token to call the API with)."""
+        audience_flag = [f"--audience={audience}"] if audience else []
+        out = await self.kubectl("create", "token", account, "-n", namespace, "--duration=1h", *audience_flag)
+        return out.strip()
+
+
+async def wait_until(probe: Callable[[], Awaitable[T | None]], *, what: str, timeout: float = TIMEOUT) -> T:
+    """Poll ``probe`` until it returns something truthy, or fail naming ``what``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.5)  # the polling interval; the probe decides
+
+
+def operator_kubeconfig(admin: pathlib.Path, token: str, path: pathlib.Path) -> None:
+    """A kubeconfig for the same API server that authenticates as the operator's ServiceAccount."""
+    view = json.loads(kubectl_sync(admin, "config", "view", "--raw", "--minify", "--flatten", "-o", "json"))
+    (cluster,) = view["clusters"]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": cluster["cluster"]}],
+        "users": [{"name": OPERATOR_ACCOUNT, "user": {"token": token}}],
+        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": OPERATOR_ACCOUNT}}],
+        "current-context": "e2e",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+
+
+@dataclasses.dataclass
+class Operator:
+    cluster: Cluster
+    chainguard: ChainguardEmulator
+    org: str
+    identity: str  # the operator's own Chainguard identity
+    issuer: str  # the cluster's OIDC issuer, as the operator discovers it
+    namespace: str
+    settings: Settings
+
+    async def wait_for_condition(self, name: str, condition: str) -> dict[str, Any]:
+        """``kubectl wait --for=condition=...`` — the GitOps check an admin would run."""
+        await self.cluster.kubectl(
+            "wait",
+            f"--for=condition={condition}",
+            f"chainguardidentity/{name}",
+            "-n",
+            self.namespace,
+            f"--timeout={int(TIMEOUT)}s",
+        )
+        found = await self.cluster.get("chainguardidentity", self.namespace, name)
+        assert found is not None
+        return found
