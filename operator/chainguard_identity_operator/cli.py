@@ -48,6 +48,8 @@ def _sandbox(args: argparse.Namespace) -> int:
     from chainguard_identity_operator.sandbox import run_sandbox
 
     logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO)
+    # The operator runs in a thread of the sandbox, where kopf cannot (and need not) handle signals.
+    logging.getLogger("kopf._core.reactor.running").setLevel(logging.ERROR)
     return asyncio.run(run_sandbox(serve=args.serve, workdir=args.workdir))
 
 

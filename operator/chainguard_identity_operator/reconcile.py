@@ -54,6 +54,7 @@ from chainguard_identity_operator.decide import (
     decide,
     renewal_due_at,
 )
+from chainguard_identity_operator.directory import Directory
 from chainguard_identity_operator.model import UIDP, IdentitySpec, Mode, RecordedStatus, SpecError, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,12 @@ class Context:
     facts: ClusterFactsCache
     clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)
     lookups: _Lookups = dataclasses.field(default_factory=_Lookups)
+    directory: Directory = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        # Listings live half a resync: every resource of a parent resyncs from one listing.
+        ttl = self.settings.resync_interval / 2
+        self.directory = Directory(self.chainguard, ttl=ttl, clock=self.clock)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,17 +216,17 @@ async def _observe(
     identity = None
     retired: tuple[Identity, ...] = ()
     for uid, _when in recorded.retiring:
-        old = await ctx.chainguard.get_identity(uid)
+        old = await ctx.directory.identity(uid)
         if old is not None:
             retired += (old,)
     if recorded.identity_id is not None:
-        identity = await ctx.chainguard.get_identity(recorded.identity_id)
+        identity = await ctx.directory.identity(recorded.identity_id)
     adopted = None
     if spec.adopt is not None:
         if identity is not None and identity.uid == spec.adopt:
             adopted = identity
         else:
-            adopted = await ctx.chainguard.get_identity(spec.adopt)
+            adopted = await ctx.directory.identity(spec.adopt)
             if adopted is None:
                 raise SpecError(
                     "spec.adopt",
@@ -236,7 +243,7 @@ async def _observe(
 async def _bindings(ctx: Context, identity: Identity | None) -> tuple[RoleBinding, ...]:
     if identity is None:
         return ()
-    return tuple(await ctx.chainguard.list_role_bindings(identity=identity.uid))
+    return await ctx.directory.bindings(identity)
 
 
 async def _create(ctx: Context, resource: Resource, action: CreateIdentity, state: _Pass) -> None:
@@ -261,6 +268,7 @@ async def _create(ctx: Context, resource: Resource, action: CreateIdentity, stat
         bindings = await _bindings(ctx, identity)
     else:
         identity = await ctx.chainguard.create_identity(action.parent, action.identity)
+        ctx.directory.put_identity(identity)
         duplicates = ()
         bindings = ()
         state.events.append(
@@ -297,6 +305,7 @@ async def _create(ctx: Context, resource: Resource, action: CreateIdentity, stat
 async def _update(ctx: Context, action: UpdateIdentity, state: _Pass) -> None:
     try:
         identity = await ctx.chainguard.update_identity(action.uid, action.identity, action.mask)
+        ctx.directory.put_identity(identity)
     except InvalidArgument as exc:
         if not any(path.startswith("static_keys") for path in action.mask):
             raise
@@ -324,6 +333,7 @@ async def _delete_identity(ctx: Context, uid: str) -> None:
     for binding in await ctx.chainguard.list_role_bindings(identity=uid):
         await ctx.chainguard.delete_role_binding(binding.uid)
     await ctx.chainguard.delete_identity(uid)
+    ctx.directory.drop_identity(uid)
 
 
 async def _act(ctx: Context, resource: Resource, spec: IdentitySpec, action: Action, state: _Pass) -> None:
@@ -337,10 +347,12 @@ async def _act(ctx: Context, resource: Resource, spec: IdentitySpec, action: Act
             binding = await ctx.chainguard.create_role_binding(
                 action.parent, identity=action.identity, role=action.role_id
             )
+            ctx.directory.put_binding(binding)
             state.observed = dataclasses.replace(observed, bindings=(*observed.bindings, binding))
             state.events.append(Event("RoleBound", f"bound role {action.role} in {action.parent}"))
         case UnbindRole():
             await ctx.chainguard.delete_role_binding(action.binding.uid)
+            ctx.directory.drop_binding(action.binding.uid)
             remaining = tuple(b for b in observed.bindings if b.uid != action.binding.uid)
             state.observed = dataclasses.replace(observed, bindings=remaining)
             state.events.append(Event("RoleUnbound", f"removed role binding {action.binding.uid}"))

@@ -171,7 +171,7 @@ class Runtime:
             current = None
         if loop is None or current is loop:
             fn()
-        else:
+        elif not loop.is_closed():  # a stopped operator has no workers left to wake
             loop.call_soon_threadsafe(fn)
 
     def wake(self, uid: str) -> None:

@@ -24,17 +24,20 @@ from chainguard_identity_operator.testing.harness import World, world
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 SHOWN = ("claimmatch.yaml", "static.yaml")
+OWN = "operator-identity.yaml"
 
 
-def _examples(org: str) -> list[dict[str, Any]]:
+def _examples(org: str, *, names: tuple[str, ...] = SHOWN, adopt: str | None = None) -> list[dict[str, Any]]:
     manifests = []
-    for name in SHOWN:
+    for name in names:
         for document in yaml.safe_load_all((EXAMPLES / name).read_text()):
             if not document or document.get("kind") != "ChainguardIdentity":
                 continue
             spec = document.setdefault("spec", {})
             if "parent" in spec:
                 spec["parent"] = org  # the example's placeholder UIDP → the sandbox organization
+            if "adopt" in spec and adopt is not None:
+                spec["adopt"] = adopt
             manifests.append(document)
     return manifests
 
@@ -106,9 +109,26 @@ async def run_sandbox(*, serve: bool, workdir: pathlib.Path | None) -> int:
             ok &= refused
             _line()
 
+        own = _examples(w.org, names=(OWN,), adopt=w.operator_identity)[0]
+        await w.apply(own)
+        namespace, name = own["metadata"]["namespace"], own["metadata"]["name"]
+        _line(f"applied {OWN}: the operator adopts its own bootstrap identity")
+        status = (await w.wait_ready(namespace, name, timeout=60))["status"]
+        adopted = status["identityId"] == w.operator_identity
+        _line(
+            f"  {namespace}/{name}: {status['identityId']} adopted={adopted} expires {status.get('expiresAt')}"
+        )
+        ok &= adopted
+        _line()
+
         static = next((m for m in manifests if m["spec"].get("mode") == "Static"), None)
         if static is not None:
             ok &= await _rotation(w, static["metadata"]["namespace"], static["metadata"]["name"])
+            renewed = await w.get(namespace, name)
+            assert renewed is not None
+            _line(
+                f"  the operator's own identity now expires {renewed['status'].get('expiresAt')} (renewed too)"
+            )
 
         if serve:
             _serve_banner(w)

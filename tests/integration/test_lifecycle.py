@@ -293,3 +293,51 @@ async def test_drift_is_repaired(sandbox: World) -> None:
 
     await w.wait_for(repaired, what="the drift to be repaired")
     assert await exchange_ok(w, "shop", uid)
+
+
+async def test_a_resync_reads_each_parent_in_bulk(sandbox: World) -> None:
+    w = sandbox
+    names = [f"app{i}" for i in range(5)]
+    for name in names:
+        await w.apply(cr(name, parent=w.org, **STATIC))
+    for name in names:
+        await w.wait_ready("shop", name)
+    mark = len(w.chainguard.requests)
+    patches = _status_patches(w)
+
+    w.advance(w.settings.resync_interval)  # every listing is stale; every worker resyncs
+    await w.wait_for(
+        lambda: _count_status_patches(w, patches + len(names)),
+        what="every resource to finish its resync pass",
+    )
+    seen = [r for r in w.chainguard.requests[mark:]]
+    gets = [r for r in seen if r.method == "GET" and r.path.startswith("/iam/v2/identities/")]
+    identity_lists = [r for r in seen if r.method == "GET" and r.path == "/iam/v2/identities"]
+    binding_lists = [r for r in seen if r.method == "GET" and r.path == "/iam/v2/roleBindings"]
+    writes = [r for r in seen if r.method != "GET"]
+    assert gets == []
+    assert len(identity_lists) == 1
+    assert len(binding_lists) == 1
+    assert writes == []
+
+
+def _status_patches(w: World) -> int:
+    # A kmock handler iterates over the requests it has served.
+    return sum(1 for r in list(w.kube) if r.method == "PATCH" and str(r.url.path).endswith("/status"))
+
+
+async def _count_status_patches(w: World, at_least: int) -> bool:
+    return _status_patches(w) >= at_least
+
+
+async def test_after_a_restart_renewal_still_happens_on_time(sandbox: World) -> None:
+    w = sandbox
+    await w.apply(cr("ci", parent=w.org, **STATIC))
+    status = (await w.wait_ready("shop", "ci"))["status"]
+    await w.stop_operator()
+    w.advance(datetime.timedelta(hours=720 - 240, minutes=1))  # past renewAt while the operator is down
+    await w.start_operator()
+    renewed = await wait_status(
+        w, "shop", "ci", lambda s: s.get("expiresAt") != status["expiresAt"], "the renewal after the restart"
+    )
+    assert renewed["identityId"] == status["identityId"]

@@ -32,7 +32,7 @@ from chainguard_identity_operator.model import SpecError, default_config_map_nam
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "chainguardidentity.yaml"
 EXAMPLES = ROOT / "examples"
-CR_EXAMPLES = ("claimmatch.yaml", "static.yaml", "auto.yaml")
+CR_EXAMPLES = ("claimmatch.yaml", "static.yaml", "auto.yaml", "operator-identity.yaml")
 
 ORG = "c95870ebffa72a258df087ea727ee92daf177e29"
 IDENTITY = f"{ORG}/f067a9080d45a098"

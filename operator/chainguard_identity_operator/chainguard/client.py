@@ -240,9 +240,17 @@ class ChainguardClient:
         items = await self._list("/iam/v2/groups", ("groups",), {"name": name}, paged=False)
         return [Group.from_wire(item) for item in items]
 
-    async def list_role_bindings(self, *, identity: str) -> list[RoleBinding]:
-        """The role bindings of ``identity`` (all pages)."""
-        query = {"identity": _check_uidp("identity", identity)}
+    async def list_role_bindings(
+        self, *, identity: str | None = None, group: str | None = None
+    ) -> list[RoleBinding]:
+        """The role bindings of ``identity``, or in ``group``, or both (all pages)."""
+        if identity is None and group is None:
+            raise ValueError("list_role_bindings needs an identity or a group")
+        query: dict[str, str] = {}
+        if identity is not None:
+            query["identity"] = _check_uidp("identity", identity)
+        if group is not None:
+            query["group"] = _check_uidp("group", group)
         items = await self._list("/iam/v2/roleBindings", ("roleBindings", "role_bindings"), query, paged=True)
         return [RoleBinding.from_wire(item) for item in items]
 

@@ -89,6 +89,7 @@ class World:
         if self._operator is None:
             return
         operator, self._operator = self._operator, None
+        self.runtime = None
         await asyncio.to_thread(operator.stop, 30.0)
 
     def refresh_operator_token(self) -> None:
