@@ -83,7 +83,7 @@ async def run_sandbox(*, serve: bool, workdir: pathlib.Path | None) -> int:
         _line("chainguard-identity-operator sandbox")
         _line(f"  cluster (emulated)     {w.kube_url}   issuer {w.kube.issuer}")
         _line(f"  Chainguard (emulated)  {w.chainguard.api_url}   org {w.org}")
-        _line(f"  operator identity      {w.operator_identity} (static, adopted bootstrap)")
+        _line(f"  operator identity      {w.operator_identity} (static, made by hand: the bootstrap)")
         _line()
         manifests = _examples(w.org)
         for manifest in manifests:
@@ -124,11 +124,15 @@ async def run_sandbox(*, serve: bool, workdir: pathlib.Path | None) -> int:
         static = next((m for m in manifests if m["spec"].get("mode") == "Static"), None)
         if static is not None:
             ok &= await _rotation(w, static["metadata"]["namespace"], static["metadata"]["name"])
-            renewed = await w.get(namespace, name)
-            assert renewed is not None
-            _line(
-                f"  the operator's own identity now expires {renewed['status'].get('expiresAt')} (renewed too)"
-            )
+            before = status.get("expiresAt")
+
+            async def own_renewed() -> dict[str, Any] | None:
+                obj = await w.get(namespace, name)
+                return obj if obj and obj["status"].get("expiresAt") != before else None
+
+            renewed = await w.wait_for(own_renewed, timeout=60, what="the operator's own identity to renew")
+            expiry = renewed["status"].get("expiresAt")
+            _line(f"  the operator's own identity now expires {expiry} (renewed too)")
 
         if serve:
             _serve_banner(w)
