@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from typing import Any
 
 import kopf
@@ -46,6 +47,10 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    if not settings.peering.standalone and settings.peering.priority == 0:
+        # kopf pauses every peer that sees another of the same priority: with replicas all at the
+        # default 0 none would serve. A random priority per replica keeps exactly one active.
+        settings.peering.priority = random.SystemRandom().randint(1, 2**31 - 1)
 
 
 @kopf.on.startup()

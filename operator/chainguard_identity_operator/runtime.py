@@ -18,8 +18,8 @@ import dataclasses
 import datetime
 import logging
 import random
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import kubernetes.client
 
@@ -40,6 +40,13 @@ from chainguard_identity_operator.metrics import Metrics, MetricsServer
 from chainguard_identity_operator.reconcile import Context, Outcome, Resource, apply, finalize
 
 logger = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+async def _call(make: Callable[[], Awaitable[T]]) -> T:
+    return await make()
 
 
 class StopFlag(Protocol):
@@ -173,6 +180,13 @@ class Runtime:
             fn()
         elif not loop.is_closed():  # a stopped operator has no workers left to wake
             loop.call_soon_threadsafe(fn)
+
+    async def in_operator_loop(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Await ``make()`` in the operator's loop, from any thread (its locks and events live there)."""
+        loop = self._loop
+        if loop is None or loop is asyncio.get_running_loop():
+            return await make()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_call(make), loop))
 
     def wake(self, uid: str) -> None:
         self._in_loop(lambda: self._worker(uid).wake.set())

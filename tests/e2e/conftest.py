@@ -172,11 +172,9 @@ async def operator(
         )
         assert handlers.FINALIZER  # importing handlers registered them with kopf
         try:
-            done, _ = await asyncio.wait(
-                {task, asyncio.ensure_future(ready.wait())},
-                timeout=60,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            started = asyncio.ensure_future(ready.wait())
+            done, _ = await asyncio.wait({task, started}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()
             if task in done:
                 task.result()
                 raise AssertionError("the operator exited during start-up")
@@ -191,6 +189,17 @@ async def operator(
                 settings=settings,
             )
         finally:
+            # Let the finalizers run while the operator still can: a resource left with its finalizer
+            # would keep the test namespace terminating forever.
+            await cluster.kubectl(
+                "delete",
+                "chainguardidentities",
+                "--all",
+                "-n",
+                namespace,
+                f"--timeout={int(TIMEOUT)}s",
+                check=False,
+            )
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=60)

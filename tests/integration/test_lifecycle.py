@@ -98,8 +98,7 @@ async def test_cluster_key_rotation_reaches_every_static_identity_with_one_write
 
     w.kube.rotate_signing_key()  # new tokens are signed with a key Chainguard does not know yet
     assert not await exchange_ok(w, "shop", uids["one"])
-    assert w.runtime is not None
-    await w.runtime.facts.refresh()  # what the poller does every CGID_JWKS_POLL_INTERVAL
+    await w.poll_cluster()
 
     for name, uid in uids.items():
         status = await wait_status(

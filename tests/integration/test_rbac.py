@@ -358,11 +358,6 @@ def test_the_ha_overlay_grants_what_kopf_peering_uses_and_no_more() -> None:
     assert peering_granted <= used, f"deploy/ha grants unused: {describe(peering_granted - used)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`run --peering` leaves every replica at kopf's default priority 0, and kopf pauses all peers of "
-    "equal priority: two replicas serve nothing until the operator gives each replica its own priority",
-)
 def test_two_replicas_of_the_ha_overlay_keep_one_active() -> None:
     """Two operators as deploy/ha runs them (peering on, settings as the ``run`` command leaves them):
     one must serve while the other stands by."""

@@ -314,3 +314,9 @@ def test_the_flux_examples_point_at_the_deploy_directory() -> None:
     assert identities["spec"]["dependsOn"] == [{"name": NAME}]
     sources = {d["metadata"]["name"] for d in documents if d["kind"] == "GitRepository"}
     assert {k["spec"]["sourceRef"]["name"] for k in kustomizations.values()} <= sources
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_argocd_configmap_patch_is_a_valid_configmap(version: str) -> None:
+    patch = yaml.safe_load((ROOT / "deploy" / "argocd" / "argocd-cm-patch.yaml").read_text())
+    kubernetes_validate.validate(patch, version, strict=True)

@@ -103,6 +103,11 @@ class World:
             )
         )
 
+    async def poll_cluster(self) -> None:
+        """What the operator's poller does every CGID_JWKS_POLL_INTERVAL, now."""
+        if self.runtime is not None:
+            await self.runtime.in_operator_loop(self.runtime.facts.refresh)
+
     def advance(self, delta: datetime.timedelta) -> None:
         """Fast-forward time for everyone, keep the operator's projected token fresh, wake every worker."""
         self.clock.advance(delta)
