@@ -37,10 +37,6 @@ def _cr(index: int, org: str) -> dict[str, Any]:
     }
 
 
-def _status_patches(w: World) -> int:
-    return sum(1 for r in list(w.kube) if r.method == "PATCH" and str(r.url.path).endswith("/status"))
-
-
 async def _ready_times(w: World, names: list[str], started: float) -> dict[str, float]:
     """When each resource first reported Ready. One LIST per poll: polling must not starve the
     emulators, which share this process with the operator."""
@@ -92,11 +88,11 @@ async def run(identities: int) -> None:
         # One resync of everything: every listing is stale, every worker runs a pass.
         await asyncio.sleep(0.5)
         mark = len(w.chainguard.requests)
-        patches = _status_patches(w)
+        patches = w.status_patches()
         w.advance(w.settings.resync_interval)
 
         async def resynced() -> bool:
-            return _status_patches(w) >= patches + identities
+            return w.status_patches() >= patches + identities
 
         await w.wait_for(resynced, timeout=120, what="every identity's resync pass")
         resync = w.chainguard.requests[mark:]
@@ -104,19 +100,27 @@ async def run(identities: int) -> None:
             f"API requests for one resync    {len(resync)} for {identities} identities ({_by_kind(resync)})"
         )
 
-        # One signing-key rotation of the cluster.
+        # One signing-key rotation of the cluster. The old fingerprint is read before rotating: read after,
+        # a fast operator may already have moved on.
+        static = [n for i, n in enumerate(names) if i % 2]
+        old = ((await w.get("shop", static[0])) or {})["status"]["keys"]["fingerprint"]
         mark = len(w.chainguard.requests)
         w.kube.rotate_signing_key()
         await w.poll_cluster()
-        static = [n for i, n in enumerate(names) if i % 2]
-        before = {n: ((await w.get("shop", n)) or {})["status"]["keys"]["fingerprint"] for n in static[:1]}
 
         async def rekeyed() -> bool:
-            obj = await w.get("shop", static[-1])
-            return bool(obj and obj["status"]["keys"]["fingerprint"] != before[static[0]])
+            async with w.client() as client:
+                response = await client.get(
+                    "/apis/iam.chainguard.dev/v1alpha1/namespaces/shop/chainguardidentities"
+                )
+            keys = {
+                i["metadata"]["name"]: i["status"]["keys"]["fingerprint"]
+                for i in response.json()["items"]
+                if i["metadata"]["name"] in static
+            }
+            return len(keys) == len(static) and old not in keys.values()
 
-        await w.wait_for(rekeyed, timeout=120, what="the last Static identity's new keys")
-        await asyncio.sleep(0.5)
+        await w.wait_for(rekeyed, timeout=120, what="every Static identity's new keys")
         writes = [r for r in w.chainguard.requests[mark:] if r.method == "PATCH"]
         print(f"writes for one key rotation    {len(writes)} for {len(static)} Static identities")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux

@@ -21,7 +21,6 @@ the event loop the operator shares with the test never blocks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import json
 import pathlib
@@ -29,7 +28,6 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import kopf
 import pytest
 import yaml
 from e2e_support import (
@@ -50,6 +48,7 @@ from chainguard_identity_operator import handlers
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.runtime import Runtime
 from chainguard_identity_operator.testing.chainguard import ChainguardEmulator
+from chainguard_identity_operator.testing.harness import OperatorThread
 
 
 @pytest.fixture(scope="session")
@@ -156,29 +155,12 @@ async def operator(
                 "CGID_METRICS_PORT": "0",
             }
         )
-        runtime = Runtime.from_settings(settings)
-        stop, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(
-            kopf.operator(
-                registry=kopf.get_default_registry(),
-                settings=kopf.OperatorSettings(),
-                standalone=True,
-                clusterwide=False,
-                namespaces=settings.namespaces,
-                stop_flag=stop,
-                ready_flag=ready,
-                memo=kopf.Memo(runtime=runtime),
-            )
+        operator = OperatorThread(
+            Runtime.from_settings(settings), clusterwide=False, namespaces=settings.namespaces
         )
         assert handlers.FINALIZER  # importing handlers registered them with kopf
+        await operator.up(timeout=60)
         try:
-            started = asyncio.ensure_future(ready.wait())
-            done, _ = await asyncio.wait({task, started}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-            started.cancel()
-            if task in done:
-                task.result()
-                raise AssertionError("the operator exited during start-up")
-            assert ready.is_set(), "the operator did not start within 60 s"
             yield Operator(
                 cluster=cluster,
                 chainguard=chainguard,
@@ -200,6 +182,4 @@ async def operator(
                 f"--timeout={int(TIMEOUT)}s",
                 check=False,
             )
-            stop.set()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, timeout=60)
+            await operator.down(timeout=60)

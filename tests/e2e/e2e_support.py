@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from chainguard_identity_operator.config import Settings
+from chainguard_identity_operator.testing import harness
 from chainguard_identity_operator.testing.chainguard import ChainguardEmulator
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -92,15 +93,9 @@ class Cluster:
 
 
 async def wait_until(probe: Callable[[], Awaitable[T | None]], *, what: str, timeout: float = TIMEOUT) -> T:
-    """Poll ``probe`` until it returns something truthy, or fail naming ``what``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.5)  # the polling interval; the probe decides
+    """Poll ``probe`` until it returns something truthy, or fail naming ``what`` (a real cluster is slow:
+    poll every half second)."""
+    return await harness.wait_until(probe, what=what, timeout=timeout, interval=0.5)
 
 
 def operator_kubeconfig(admin: pathlib.Path, token: str, path: pathlib.Path) -> None:

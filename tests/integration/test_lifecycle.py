@@ -302,7 +302,7 @@ async def test_a_resync_reads_each_parent_in_bulk(sandbox: World) -> None:
     for name in names:
         await w.wait_ready("shop", name)
     mark = len(w.chainguard.requests)
-    patches = _status_patches(w)
+    patches = w.status_patches()
 
     w.advance(w.settings.resync_interval)  # every listing is stale; every worker resyncs
     await w.wait_for(
@@ -320,13 +320,8 @@ async def test_a_resync_reads_each_parent_in_bulk(sandbox: World) -> None:
     assert writes == []
 
 
-def _status_patches(w: World) -> int:
-    # A kmock handler iterates over the requests it has served.
-    return sum(1 for r in list(w.kube) if r.method == "PATCH" and str(r.url.path).endswith("/status"))
-
-
 async def _count_status_patches(w: World, at_least: int) -> bool:
-    return _status_patches(w) >= at_least
+    return w.status_patches() >= at_least
 
 
 async def test_after_a_restart_renewal_still_happens_on_time(sandbox: World) -> None:

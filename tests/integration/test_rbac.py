@@ -28,14 +28,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import httpx
-import kopf
 import kubernetes.client
 import pytest
 import yaml
 
 from chainguard_identity_operator import cluster, crd
 from chainguard_identity_operator.runtime import Runtime
-from chainguard_identity_operator.testing.harness import World, world
+from chainguard_identity_operator.testing.harness import OperatorThread, World, world
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ROLE = "chainguard-identity-operator"
@@ -300,22 +299,11 @@ async def run_peered(
         async with w.client() as client:
             (await client.post(url, json=peering_object)).raise_for_status()
 
-        runtime = Runtime.from_settings(w.settings, clock=w.clock)
-        stop, ready = asyncio.Event(), asyncio.Event()
-        operator = asyncio.create_task(
-            kopf.operator(
-                registry=kopf.get_default_registry(),
-                settings=kopf.OperatorSettings(),
-                standalone=False,
-                peering_name=peering,
-                clusterwide=True,
-                stop_flag=stop,
-                ready_flag=ready,
-                memo=kopf.Memo(runtime=runtime),
-            )
+        operator = OperatorThread(
+            Runtime.from_settings(w.settings, clock=w.clock), standalone=False, peering_name=peering
         )
+        await operator.up()
         try:
-            await asyncio.wait_for(ready.wait(), timeout=30)
             # A lone replica is active: it reconciles.
             await w.apply(cr("puller", "shop", parent=w.org))
             await w.wait_ready("shop", "puller")
@@ -328,8 +316,7 @@ async def run_peered(
 
             status = await w.wait_for(keepalive, what="the replica's keep-alive in the peering object")
         finally:
-            stop.set()
-            await asyncio.wait_for(operator, timeout=30)
+            await operator.down()
         return list(w.kube), status
 
 
@@ -378,34 +365,23 @@ def test_two_replicas_of_the_ha_overlay_keep_one_active() -> None:
             async with w.client() as client:
                 url = f"/apis/{peering_object['apiVersion']}/clusterkopfpeerings"
                 (await client.post(url, json=peering_object)).raise_for_status()
-            stops, replicas = [], []
-            for index in range(2):
-                stop, ready = asyncio.Event(), asyncio.Event()
-                replicas.append(
-                    asyncio.create_task(
-                        kopf.operator(
-                            registry=kopf.get_default_registry(),
-                            standalone=False,
-                            peering_name=peering_object["metadata"]["name"],
-                            clusterwide=True,
-                            stop_flag=stop,
-                            ready_flag=ready,
-                            memo=kopf.Memo(runtime=Runtime.from_settings(w.settings, clock=w.clock)),
-                            identity=f"replica-{index}",
-                        )
-                    )
+            replicas = [
+                OperatorThread(
+                    Runtime.from_settings(w.settings, clock=w.clock),
+                    standalone=False,
+                    peering_name=peering_object["metadata"]["name"],
+                    identity=f"replica-{index}",
                 )
-                stops.append(stop)
-                await asyncio.wait_for(ready.wait(), timeout=30)
+                for index in range(2)
+            ]
+            for replica in replicas:
+                await replica.up()
             try:
                 await w.apply(cr("puller", "shop", parent=w.org))
                 await w.wait_ready("shop", "puller", timeout=10)
             finally:
-                for stop in stops:
-                    stop.set()
-                # Two kopf operators in one event loop do not always stop cleanly (one's shutdown may
-                # cancel the other's streams); how they stop is not what this test is about.
-                await asyncio.wait(replicas, timeout=30)
+                for replica in replicas:
+                    await replica.down()
 
     asyncio.run(two_replicas())
 

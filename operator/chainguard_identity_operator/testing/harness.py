@@ -70,19 +70,17 @@ class World:
     workdir: pathlib.Path
     clock: Clock
     runtime: Runtime | None = None
-    _operator: _OperatorThread | None = None
+    _operator: OperatorThread | None = None
 
     # -- the operator -------------------------------------------------------------------------------
 
     async def start_operator(self) -> None:
-        """Run the operator in its own thread and event loop, as in a pod: kopf owns every task of its
-        loop (it cancels tasks it did not start on exit), and it reaches the emulators over HTTP."""
+        """Run the operator as in a pod, in its own thread (see ``OperatorThread``)."""
         if self._operator is not None:
             raise RuntimeError("the operator is already running")
         self.runtime = Runtime.from_settings(self.settings, clock=self.clock)
-        self._operator = _OperatorThread(self.runtime)
-        self._operator.start()
-        await asyncio.to_thread(self._operator.wait_ready, 30.0)
+        self._operator = OperatorThread(self.runtime)
+        await self._operator.up()
         assert handlers.FINALIZER  # the handlers are registered by importing the module
 
     async def stop_operator(self) -> None:
@@ -90,7 +88,7 @@ class World:
             return
         operator, self._operator = self._operator, None
         self.runtime = None
-        await asyncio.to_thread(operator.stop, 30.0)
+        await operator.down()
 
     def refresh_operator_token(self) -> None:
         """What the kubelet does for a projected token: replace it before it expires."""
@@ -182,15 +180,12 @@ class World:
         what: str = "condition",
     ) -> T:
         """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        last: T | None = None
-        while True:
-            last = await probe()
-            if last:
-                return last
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-            await asyncio.sleep(0.05)  # polling interval, not synchronisation: the condition decides
+        return await wait_until(probe, what=what, timeout=timeout)
+
+    def status_patches(self) -> int:
+        """How many status patches the cluster has served: one per finished reconcile pass."""
+        # A kmock handler iterates over the requests it has served.
+        return sum(1 for r in list(self.kube) if r.method == "PATCH" and str(r.url.path).endswith("/status"))
 
     async def wait_ready(self, namespace: str, name: str, *, timeout: float = 30.0) -> dict[str, Any]:
         async def probe() -> dict[str, Any] | None:
@@ -272,10 +267,15 @@ def _apply_patch(existing: Mapping[str, Any], manifest: Mapping[str, Any]) -> di
     return patch
 
 
-class _OperatorThread(threading.Thread):
-    def __init__(self, runtime: Runtime) -> None:
+class OperatorThread(threading.Thread):
+    """The real operator in its own thread and event loop, as in a pod. kopf owns every task of the loop
+    it runs in (on exit it cancels tasks it did not start, a test's included), so it never shares the
+    test's loop; it reaches the emulators over HTTP. ``options`` go to ``kopf.operator`` (peering, etc.)."""
+
+    def __init__(self, runtime: Runtime, **options: Any) -> None:
         super().__init__(name="operator", daemon=True)
         self._runtime = runtime
+        self._options: dict[str, Any] = {"standalone": True, "clusterwide": True, **options}
         self._stop_flag = threading.Event()
         self._ready_flag = threading.Event()
         self.error: BaseException | None = None
@@ -286,15 +286,22 @@ class _OperatorThread(threading.Thread):
                 kopf.operator(
                     registry=kopf.get_default_registry(),
                     settings=kopf.OperatorSettings(),
-                    standalone=True,
-                    clusterwide=True,
                     stop_flag=self._stop_flag,
                     ready_flag=self._ready_flag,
                     memo=kopf.Memo(runtime=self._runtime),
+                    **self._options,
                 )
             )
         except BaseException as exc:  # reported to the test by wait_ready/stop
             self.error = exc
+
+    async def up(self, timeout: float = 30.0) -> None:
+        """Start, and return once kopf is ready (fail if it dies first)."""
+        self.start()
+        await asyncio.to_thread(self.wait_ready, timeout)
+
+    async def down(self, timeout: float = 30.0) -> None:
+        await asyncio.to_thread(self.stop, timeout)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -311,6 +318,24 @@ class _OperatorThread(threading.Thread):
             raise TimeoutError(f"the operator did not stop within {timeout}s")
         if self.error is not None:
             raise RuntimeError("the operator failed") from self.error
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[T | None]],
+    *,
+    what: str,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)  # the polling interval, not synchronisation: the probe decides
 
 
 @contextlib.asynccontextmanager
