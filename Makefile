@@ -13,22 +13,22 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[lint]'
+$(VENV)/.installed: pyproject.toml testkit/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[lint]' -e ./testkit
 	touch $@
 
 sandbox: $(VENV)/.installed
-	$(BIN)/chainguard-identity-operator sandbox
+	$(BIN)/cgid-sandbox
 
 serve: $(VENV)/.installed
-	$(BIN)/chainguard-identity-operator sandbox --serve --workdir sandbox-state
+	$(BIN)/cgid-sandbox --serve --workdir sandbox-state
 
 test: $(VENV)/.installed
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/ruff check operator testkit tests bench
+	$(BIN)/ruff format --check operator testkit tests bench
 	$(BIN)/mypy
 
 crd: $(VENV)/.installed

@@ -26,7 +26,7 @@ import statistics
 import time
 from typing import Any
 
-from chainguard_identity_operator.testing.harness import World, world
+from cgid_testkit.harness import World, world
 
 
 def _cr(index: int, org: str) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Command line: ``run`` (the operator), ``sandbox`` (everything emulated, in one process), ``crd``, ``version``."""
+"""Command line: ``run`` (the operator), ``crd``, ``version``.
+
+The sandbox lives apart from the product, in the ``cgid_testkit`` distribution (``cgid-sandbox``), so no
+emulator ships in the operator's wheel or image.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import argparse
 import asyncio
 import logging
 import os
-import pathlib
 import sys
 
 from chainguard_identity_operator import __version__
@@ -44,15 +47,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sandbox(args: argparse.Namespace) -> int:
-    from chainguard_identity_operator.sandbox import run_sandbox
-
-    logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO)
-    # The operator runs in a thread of the sandbox, where kopf cannot (and need not) handle signals.
-    logging.getLogger("kopf._core.reactor.running").setLevel(logging.ERROR)
-    return asyncio.run(run_sandbox(serve=args.serve, workdir=args.workdir))
-
-
 def _crd(_: argparse.Namespace) -> int:
     from chainguard_identity_operator.crd import render_yaml
 
@@ -67,16 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run the operator (settings from CGID_* environment variables)")
     run.add_argument("--peering", default="", help="kopf peering name for HA (several replicas, one active)")
     run.set_defaults(func=_run)
-
-    sandbox = commands.add_parser(
-        "sandbox", help="run operator + emulated cluster + emulated Chainguard and show it"
-    )
-    sandbox.add_argument(
-        "--serve", action="store_true", help="keep running and print URLs for kubectl and curl"
-    )
-    sandbox.add_argument("--workdir", type=pathlib.Path, default=None, help="where to write the kubeconfig")
-    sandbox.add_argument("-v", "--verbose", action="store_true")
-    sandbox.set_defaults(func=_sandbox)
 
     crd = commands.add_parser("crd", help="print the CustomResourceDefinition")
     crd.set_defaults(func=_crd)

@@ -44,11 +44,11 @@ from e2e_support import (
     operator_kubeconfig,
 )
 
+from cgid_testkit.chainguard import ChainguardEmulator
+from cgid_testkit.harness import OperatorThread
 from chainguard_identity_operator import handlers
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.runtime import Runtime
-from chainguard_identity_operator.testing.chainguard import ChainguardEmulator
-from chainguard_identity_operator.testing.harness import OperatorThread
 
 
 @pytest.fixture(scope="session")

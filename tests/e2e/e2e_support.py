@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from cgid_testkit import harness
+from cgid_testkit.chainguard import ChainguardEmulator
 from chainguard_identity_operator.config import Settings
-from chainguard_identity_operator.testing import harness
-from chainguard_identity_operator.testing.chainguard import ChainguardEmulator
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 OPERATOR_NAMESPACE = "chainguard-system"

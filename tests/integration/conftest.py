@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from chainguard_identity_operator.testing.harness import World, world
+from cgid_testkit.harness import World, world
 
 
 @pytest.fixture

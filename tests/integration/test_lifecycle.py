@@ -8,14 +8,14 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from chainguard_identity_operator import naming
-from chainguard_identity_operator.chainguard.types import parse_time
-from chainguard_identity_operator.testing.harness import (
+from cgid_testkit.harness import (
     OPERATOR_NAMESPACE,
     OPERATOR_SERVICE_ACCOUNT,
     World,
     world,
 )
+from chainguard_identity_operator import naming
+from chainguard_identity_operator.chainguard.types import parse_time
 
 STATIC = {"mode": "Static", "static": {"validFor": "720h", "renewBefore": "240h"}}
 

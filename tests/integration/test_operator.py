@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from cgid_testkit.harness import ORG_NAME, World, world
 from chainguard_identity_operator import naming
 from chainguard_identity_operator.chainguard.types import parse_time
-from chainguard_identity_operator.testing.harness import ORG_NAME, World, world
 
 CONFIG_KEYS = {
     "CHAINGUARD_IDENTITY",

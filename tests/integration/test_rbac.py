@@ -32,9 +32,9 @@ import kubernetes.client
 import pytest
 import yaml
 
+from cgid_testkit.harness import OperatorThread, World, world
 from chainguard_identity_operator import cluster, crd
 from chainguard_identity_operator.runtime import Runtime
-from chainguard_identity_operator.testing.harness import OperatorThread, World, world
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ROLE = "chainguard-identity-operator"

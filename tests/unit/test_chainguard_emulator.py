@@ -23,8 +23,8 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from cgid_testkit.chainguard import API_AUDIENCE, STS_ISSUER, ChainguardEmulator
 from chainguard_identity_operator.chainguard.types import format_time, parse_time
-from chainguard_identity_operator.testing.chainguard import API_AUDIENCE, STS_ISSUER, ChainguardEmulator
 
 START = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.UTC)
 CLUSTER_ISSUER = "https://oidc.cluster.example"

@@ -23,8 +23,8 @@ import kopf
 import pytest
 import yaml
 
-from chainguard_identity_operator.testing import kube as kube_module
-from chainguard_identity_operator.testing.kube import KubeEmulator, write_kubeconfig
+from cgid_testkit import kube as kube_module
+from cgid_testkit.kube import KubeEmulator, write_kubeconfig
 
 GROUP, VERSION, PLURAL = "example.test", "v1", "ktests"
 KTESTS = f"/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}"

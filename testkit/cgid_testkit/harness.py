@@ -29,12 +29,12 @@ import httpx
 import kmock
 import kopf
 
+from cgid_testkit.chainguard import ChainguardEmulator
+from cgid_testkit.kube import KubeEmulator, write_kubeconfig
 from chainguard_identity_operator import handlers
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.crd import GROUP, PLURAL, VERSION, build_crd
 from chainguard_identity_operator.runtime import Runtime
-from chainguard_identity_operator.testing.chainguard import ChainguardEmulator
-from chainguard_identity_operator.testing.kube import KubeEmulator, write_kubeconfig
 
 PUBLIC_ISSUER = "https://oidc.sandbox-cluster.example"
 ORG_NAME = "my-org.example"

@@ -11,16 +11,18 @@ With ``--serve`` it keeps running and prints what ``kubectl`` and ``curl`` need 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime
+import logging
 import pathlib
 import signal
 from typing import Any
 
 import yaml
 
-from chainguard_identity_operator.testing.harness import World, world
+from cgid_testkit.harness import World, world
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 SHOWN = ("claimmatch.yaml", "static.yaml")
@@ -188,3 +190,23 @@ async def _wait_for_interrupt() -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cgid-sandbox", description="operator + emulated cluster + emulated Chainguard, shown"
+    )
+    parser.add_argument(
+        "--serve", action="store_true", help="keep running and print URLs for kubectl and curl"
+    )
+    parser.add_argument("--workdir", type=pathlib.Path, default=None, help="where to write the kubeconfig")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO)
+    # The operator runs in a thread of the sandbox, where kopf cannot (and need not) handle signals.
+    logging.getLogger("kopf._core.reactor.running").setLevel(logging.ERROR)
+    return asyncio.run(run_sandbox(serve=args.serve, workdir=args.workdir))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""Emulators of the outside world (Chainguard, Kubernetes) shared by the tests and the sandbox."""
