@@ -82,7 +82,7 @@ goflags=(-mod=readonly -trimpath -buildvcs=false)
 major=${kube_version#v}; major=${major%%.*}
 minor=${kube_version#v"$major".}; minor=${minor%%.*}
 # buildDate: the release's publication time on the module proxy (reproducible).
-build_date=$(cd "$here" && go list -mod=readonly -m -f '{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}' k8s.io/kubernetes 2>/dev/null || true)
+build_date=$(cd "$here" && go list -mod=readonly -m -f '{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}' k8s.io/kubernetes 2>/dev/null) || build_date=
 [[ $build_date == 20* ]] || build_date=$(date -u ${SOURCE_DATE_EPOCH:+--date=@$SOURCE_DATE_EPOCH} +%Y-%m-%dT%H:%M:%SZ)
 kube_ldflags="-s -w"
 for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
@@ -111,8 +111,11 @@ if [[ $got != "Kubernetes $kube_version" ]]; then
   echo "build.sh: kube-apiserver --version printed '$got', expected 'Kubernetes $kube_version'" >&2
   exit 1
 fi
-"$tmp/etcd" --version | grep -q "etcd Version: ${etcd_version#v}$" || {
-  echo "build.sh: etcd --version does not report ${etcd_version#v}" >&2; exit 1; }
+got=$("$tmp/etcd" --version)
+if [[ $got != *"etcd Version: ${etcd_version#v}"$'\n'* ]]; then
+  echo "build.sh: etcd --version printed '$got', expected etcd Version: ${etcd_version#v}" >&2
+  exit 1
+fi
 
 # Publish: each rename is atomic, so a half-built binary is never seen in $dest.
 mkdir -p "$dest"

@@ -7,7 +7,9 @@ It uses the official ``kubernetes`` package, whose calls block, so each call run
 
 ``ClusterFactsCache`` reads the issuer and JWKS at most once per poll interval for the whole operator —
 not once per resource — and tells its listeners when the JWKS fingerprint changes, which is the
-cluster-wide signal that the service-account signing keys rotated.
+cluster-wide signal that the service-account signing keys rotated. A failed read keeps the last good
+key set (``facts.ClusterFacts``), and the fingerprint compared is always the last good one, so a
+rotation that happens while reads fail is still noticed when they work again.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.crd import GROUP, KIND, PLURAL, VERSION
-from chainguard_identity_operator.decide import ClusterFacts
+from chainguard_identity_operator.facts import ClusterFacts
 from chainguard_identity_operator.jwks import JWKSError, parse_jwks
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 COMPONENT = "chainguard-identity-operator"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 API_VERSION = f"{GROUP}/{VERSION}"
+KUBE_SYSTEM = "kube-system"
 
 
 class ClusterError(Exception):
@@ -167,9 +170,11 @@ class ClusterClient:
         owned = any(owner.uid == ref.uid for owner in owners)
         return ConfigMapState(data=dict(found.data or {}), owned=owned)
 
-    async def write_config_map(self, ref: ObjectRef, name: str, data: Mapping[str, str]) -> None:
-        """Create the ConfigMap, or replace the data of ours; never touch someone else's."""
-        current = await self.read_config_map(ref, name)
+    async def write_config_map(
+        self, ref: ObjectRef, name: str, data: Mapping[str, str], current: ConfigMapState | None
+    ) -> None:
+        """Create the ConfigMap, or replace the data of ours. ``current`` is what the caller read (and
+        checked to be ours); a ConfigMap made meanwhile by someone else makes the create fail with 409."""
         if current is not None and not current.owned:
             raise ConfigMapConflict(
                 f"ConfigMap {ref.namespace}/{name} exists and is not owned by this ChainguardIdentity; "
@@ -198,6 +203,59 @@ class ClusterClient:
                 f"updating ConfigMap {ref.namespace}/{name}",
                 lambda: self._core.patch_namespaced_config_map(name, ref.namespace, patch),
             )
+
+    async def delete_config_map(self, ref: ObjectRef, name: str) -> None:
+        """Delete a ConfigMap of ours that the resource no longer publishes; leave anyone else's alone."""
+        current = await self.read_config_map(ref, name)
+        if current is None or not current.owned:
+            return
+        try:
+            await self._call(
+                f"deleting ConfigMap {ref.namespace}/{name}",
+                lambda: self._core.delete_namespaced_config_map(name, ref.namespace),
+            )
+        except ClusterError as exc:
+            if exc.status != 404:
+                raise
+
+    async def published_identity(self, namespace: str, name: str) -> str | None:
+        """The identity a ChainguardIdentity's ConfigMap names, or None (absent, or not written by us)."""
+        try:
+            found = await self._call(
+                f"reading ConfigMap {namespace}/{name}",
+                lambda: self._core.read_namespaced_config_map(name, namespace),
+            )
+        except ClusterError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        owners = found.metadata.owner_references or []
+        if not any(owner.kind == KIND and owner.api_version == API_VERSION for owner in owners):
+            return None
+        value = (found.data or {}).get("CHAINGUARD_IDENTITY")
+        return value if isinstance(value, str) and value else None
+
+    async def service_account_exists(self, namespace: str, name: str) -> bool:
+        try:
+            await self._call(
+                f"reading ServiceAccount {namespace}/{name}",
+                lambda: self._core.read_namespaced_service_account(name, namespace),
+            )
+        except ClusterError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def cluster_id(self) -> str:
+        """The UID of the kube-system namespace: made once when the cluster is, never shared by two."""
+        found = await self._call(
+            f"reading Namespace {KUBE_SYSTEM}", lambda: self._core.read_namespace(KUBE_SYSTEM)
+        )
+        uid = found.metadata.uid
+        if not isinstance(uid, str) or not uid:
+            raise ClusterError(f"reading Namespace {KUBE_SYSTEM}: it has no uid")
+        return uid
 
     async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any]) -> None:
         await self._call(
@@ -258,7 +316,6 @@ class ClusterFactsCache:
         self._facts: ClusterFacts | None = None
         self._read_at: datetime.datetime | None = None
         self._listeners: list[KeysChangedListener] = []
-        self.keys_error: str | None = None
 
     def on_keys_changed(self, listener: KeysChangedListener) -> None:
         self._listeners.append(listener)
@@ -270,7 +327,11 @@ class ClusterFactsCache:
     async def get(self) -> ClusterFacts:
         async with self._lock:
             now = self._clock()
-            fresh = self._read_at is not None and now - self._read_at < self._settings.jwks_poll_interval
+            interval = self._settings.jwks_poll_interval
+            if self._facts is not None and self._facts.keys_error is not None:
+                # After a failed read, try again sooner than a whole poll interval.
+                interval = min(interval, self._settings.base_backoff * 4)
+            fresh = self._read_at is not None and now - self._read_at < interval
             if self._facts is not None and fresh:
                 return self._facts
             return await self._refresh(now)
@@ -280,9 +341,15 @@ class ClusterFactsCache:
             return await self._refresh(self._clock())
 
     async def _refresh(self, now: datetime.datetime) -> ClusterFacts:
+        previous = self._facts
         issuer = self._settings.issuer
         if issuer is None:
-            discovery = await self._cluster.openid_configuration()
+            try:
+                discovery = await self._cluster.openid_configuration()
+            except ClusterError:
+                if previous is None:
+                    raise
+                discovery = {"issuer": previous.issuer}  # keep the issuer we knew through a blip
             found = discovery.get("issuer") if discovery else None
             issuer = found if isinstance(found, str) and found else None
         if issuer is None:
@@ -292,18 +359,29 @@ class ClusterFactsCache:
                 "cannot find the cluster's OIDC issuer: /.well-known/openid-configuration is not served and the "
                 "operator's own token has no iss; set CGID_ISSUER or spec.issuer"
             )
+        last_good = previous.keys if previous is not None else None
         try:
             keys = parse_jwks(await self._cluster.jwks())
-            self.keys_error = None
         except (JWKSError, ClusterError) as exc:
-            keys = None
-            self.keys_error = f"cannot use the cluster's JWKS from /openid/v1/jwks: {exc}"
-            logger.warning("%s", self.keys_error)
-        previous = self._facts.keys.fingerprint if self._facts and self._facts.keys else None
-        facts = ClusterFacts(issuer=issuer, keys=keys)
+            error = f"cannot use the cluster's JWKS from /openid/v1/jwks: {exc}"
+            logger.warning("%s", error)
+            facts = ClusterFacts(
+                issuer=issuer,
+                keys=last_good,
+                keys_read_at=previous.keys_read_at if previous is not None else None,
+                keys_error=error,
+            )
+        else:
+            facts = ClusterFacts(issuer=issuer, keys=keys, keys_read_at=now)
         self._facts, self._read_at = facts, now
-        if keys is not None and previous is not None and keys.fingerprint != previous:
-            logger.info("the cluster's signing keys changed: %s -> %s", previous, keys.fingerprint)
+        if (
+            facts.keys is not None
+            and last_good is not None
+            and facts.keys.fingerprint != last_good.fingerprint
+        ):
+            logger.info(
+                "the cluster's signing keys changed: %s -> %s", last_good.fingerprint, facts.keys.fingerprint
+            )
             for listener in self._listeners:
-                listener(previous, keys.fingerprint)
+                listener(last_good.fingerprint, facts.keys.fingerprint)
         return facts

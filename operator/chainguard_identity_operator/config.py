@@ -33,6 +33,9 @@ PUBLIC_ISSUER_HOSTS = (
 )
 
 _CLUSTER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+_CLUSTER_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _IDENTITY_UIDP = re.compile(r"^[0-9a-f]{40}(/[0-9a-f]{16})+$")  # an identity is always a child
 
 
@@ -42,8 +45,11 @@ class ConfigurationError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    # Who we are: names identities ``<cluster>.<namespace>.<name>`` and marks them as ours.
+    # Who we are: names identities ``<cluster>.<namespace>.<name>`` for humans. Ownership is proven by the
+    # cluster ID (by default the UID of the kube-system namespace, read at start), never by the name.
     cluster_name: str = "kubernetes"
+    cluster_id: str | None = None
+    operator_namespace: str = "chainguard-system"
 
     # Chainguard endpoints, and what pods are told in their ConfigMap.
     api_url: str = "https://console-api.enforce.dev"
@@ -64,9 +70,18 @@ class Settings:
     issuer_public: bool | None = None  # None: decide from the issuer host
     public_issuer_hosts: tuple[str, ...] = ()
 
+    # The ConfigMap (in the operator's namespace) that the operator's own ChainguardIdentity writes: when
+    # it names another identity (its own identity was replaced), the operator authenticates as that one.
+    identity_config_map: str | None = None
+
     # Policy.
     allowed_roles: tuple[str, ...] = DEFAULT_ALLOWED_ROLES
     namespaces: tuple[str, ...] = ()  # empty: the whole cluster
+    # Where spec.adopt is honoured: empty means the operator's own namespace only; "*" every namespace.
+    adoption_namespaces: tuple[str, ...] = ()
+    # Whether an identity holding roles outside allowed_roles may be adopted (the operator's own may,
+    # from the operator's namespace, always).
+    adoption_privileged: bool = False
 
     # Timing.
     jwks_poll_interval: datetime.timedelta = datetime.timedelta(minutes=5)
@@ -77,6 +92,11 @@ class Settings:
     # How long a replaced identity lives on after the ConfigMap names its successor: long enough for
     # the kubelet to refresh ConfigMaps mounted as volumes (about a minute) and for running exchanges.
     replacement_grace: datetime.timedelta = datetime.timedelta(minutes=10)
+    # The longest a static identity may live, counted from its creation (the v2 API's maximum): a renewal
+    # that would pass it replaces the identity instead of asking the API to extend it.
+    max_static_lifetime: datetime.timedelta = datetime.timedelta(days=365)
+    # How long the last good JWKS is trusted while reading it fails.
+    jwks_max_staleness: datetime.timedelta = datetime.timedelta(hours=1)
 
     # Observability.
     liveness_port: int = 8080
@@ -89,6 +109,10 @@ class Settings:
     @property
     def uses_identity(self) -> bool:
         return self.identity is not None
+
+    def adoption_allowed_in(self, namespace: str) -> bool:
+        namespaces = self.adoption_namespaces or (self.operator_namespace,)
+        return "*" in namespaces or namespace in namespaces
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -120,9 +144,12 @@ _DURATIONS = {
     "max_backoff",
     "base_backoff",
     "replacement_grace",
+    "max_static_lifetime",
+    "jwks_max_staleness",
 }
 _PATHS = {"identity_token_path", "token_file", "kubeconfig", "service_account_token_path"}
-_LISTS = {"allowed_roles", "namespaces", "public_issuer_hosts"}
+_LISTS = {"allowed_roles", "namespaces", "public_issuer_hosts", "adoption_namespaces"}
+_BOOLS = {"issuer_public", "adoption_privileged"}
 
 
 def _convert(var: str, name: str, raw: str) -> object:
@@ -133,7 +160,7 @@ def _convert(var: str, name: str, raw: str) -> object:
             return pathlib.Path(raw)
         if name in _LISTS:
             return tuple(item.strip() for item in raw.split(",") if item.strip())
-        if name == "issuer_public":
+        if name in _BOOLS:
             lowered = raw.strip().lower()
             if lowered in ("true", "1", "yes"):
                 return True
@@ -151,6 +178,17 @@ def validate(settings: Settings) -> None:
     def fail(name: str, message: str) -> None:
         raise ConfigurationError(f"{PREFIX}{name.upper()}: {message}")
 
+    if settings.cluster_id is not None and not _CLUSTER_ID.fullmatch(settings.cluster_id):
+        fail("cluster_id", "must be 1-64 letters, digits or '-' (the kube-system namespace UID by default)")
+    if not _DNS_LABEL.fullmatch(settings.operator_namespace):
+        fail("operator_namespace", "must be a namespace name")
+    if settings.identity_config_map is not None and not _DNS_SUBDOMAIN.fullmatch(
+        settings.identity_config_map
+    ):
+        fail("identity_config_map", "must be a ConfigMap name")
+    for namespace in settings.adoption_namespaces:
+        if namespace != "*" and not _DNS_LABEL.fullmatch(namespace):
+            fail("adoption_namespaces", f"{namespace!r} is not a namespace name (or *)")
     if not _CLUSTER_NAME.fullmatch(settings.cluster_name):
         fail(
             "cluster_name", "must be 1-32 lowercase letters, digits or '-', starting and ending alphanumeric"

@@ -1,13 +1,15 @@
 """What Chainguard holds under each parent, read in bulk and shared by every resource.
 
-A resync of N resources under one organization would cost 2N reads if each looked up its own
-identity and bindings. Instead the directory lists a parent's identities and role bindings once (all
-pages) and serves every resource from that listing until it is older than ``ttl``. The operator's
-own writes go through the directory (write-through), so a pass never mistakes its own change for
-drift and never repeats a write because it read a listing from before it.
+A resync of N resources under one organization would cost 2N reads if each looked up its own identity
+and bindings. Instead the directory lists a parent's identities and role bindings once (all pages) and
+serves every resource from that listing until it is older than ``ttl``. The operator's own writes go
+through the directory (write-through), so a pass never mistakes its own change for drift and never
+repeats a write because it read a listing from before it. A write made while a listing is being read
+is journalled and replayed onto the new listing — the listing may or may not have seen it, and every
+write-through is idempotent — so an overlapping refresh never drops the operator's own writes.
 
-Reads that decide whether something may be deleted or created (the finalizer, the name lookup
-before a create) do not use the directory: they ask the API directly.
+When a write's outcome is unknown (the answer was lost), the caller ``invalidate``s the parent: the next
+pass reads the truth before it decides anything, which is how a lost create is found instead of re-sent.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class _Listing:
     bindings: dict[str, RoleBinding]
 
 
+_Write = Callable[[_Listing], None]
+
+
 class Directory:
     def __init__(
         self,
@@ -41,6 +46,7 @@ class Directory:
         self._ttl = ttl
         self._clock = clock
         self._listings: dict[str, _Listing] = {}
+        self._journals: dict[str, list[_Write]] = {}  # writes made while the parent's listing is read
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     async def _listing(self, parent: str) -> _Listing:
@@ -49,15 +55,24 @@ class Directory:
             now = self._clock()
             if listing is not None and now - listing.read_at < self._ttl:
                 return listing
-            identities = await self._client.list_identities(parent)
-            bindings = await self._client.list_role_bindings(group=parent)
+            journal = self._journals[parent] = []
+            try:
+                identities = await self._client.list_identities(parent)
+                bindings = await self._client.list_role_bindings(group=parent)
+            finally:
+                del self._journals[parent]
             listing = _Listing(
                 read_at=now,
                 identities={identity.uid: identity for identity in identities},
                 bindings={binding.uid: binding for binding in bindings},
             )
+            for write in journal:
+                write(listing)
             self._listings[parent] = listing
             return listing
+
+    async def identities(self, parent: str) -> tuple[Identity, ...]:
+        return tuple((await self._listing(parent)).identities.values())
 
     async def identity(self, uid: str) -> Identity | None:
         listing = await self._listing(uid.rsplit("/", 1)[0])
@@ -68,25 +83,43 @@ class Directory:
         listing = await self._listing(identity.parent)
         return tuple(b for b in listing.bindings.values() if b.identity_uid == identity.uid)
 
+    def invalidate(self, parent: str) -> None:
+        """Forget the parent's listing: the next read asks the API (after a write whose outcome is unknown)."""
+        self._listings.pop(parent, None)
+
     # -- write-through ------------------------------------------------------------------------------
 
-    def put_identity(self, identity: Identity) -> None:
-        listing = self._listings.get(identity.parent)
+    def _write(self, parent: str, write: _Write) -> None:
+        listing = self._listings.get(parent)
         if listing is not None:
+            write(listing)
+        journal = self._journals.get(parent)
+        if journal is not None:
+            journal.append(write)
+
+    def put_identity(self, identity: Identity) -> None:
+        def put(listing: _Listing) -> None:
             listing.identities[identity.uid] = identity
 
+        self._write(identity.parent, put)
+
     def drop_identity(self, uid: str) -> None:
-        listing = self._listings.get(uid.rsplit("/", 1)[0])
-        if listing is not None:
+        def drop(listing: _Listing) -> None:
             listing.identities.pop(uid, None)
             for binding_uid in [b.uid for b in listing.bindings.values() if b.identity_uid == uid]:
                 del listing.bindings[binding_uid]
 
+        self._write(uid.rsplit("/", 1)[0], drop)
+
     def put_binding(self, binding: RoleBinding) -> None:
-        listing = self._listings.get(binding.group_uid)
-        if listing is not None:
+        def put(listing: _Listing) -> None:
             listing.bindings[binding.uid] = binding
 
+        self._write(binding.group_uid, put)
+
     def drop_binding(self, uid: str) -> None:
-        for listing in self._listings.values():
+        def drop(listing: _Listing) -> None:
             listing.bindings.pop(uid, None)
+
+        for parent in {*self._listings, *self._journals}:
+            self._write(parent, drop)

@@ -16,11 +16,9 @@ from typing import Any
 
 import kopf
 
-from chainguard_identity_operator.chainguard.errors import ChainguardError
-from chainguard_identity_operator.cluster import ClusterError
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.crd import GROUP, PLURAL, VERSION
-from chainguard_identity_operator.reconcile import ROTATE_ANNOTATION
+from chainguard_identity_operator.reconcile import ROTATE_ANNOTATION, DeletionBlocked
 from chainguard_identity_operator.runtime import Runtime
 
 FINALIZER = f"{GROUP}/finalizer"
@@ -108,10 +106,8 @@ def rotation_requested(uid: str, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.delete(*RESOURCE)
 async def delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    runtime = _runtime(memo)
     try:
-        await _runtime(memo).finalize(body)
-    except (ChainguardError, ClusterError) as exc:
-        delay = min(2.0 * 2**retry, 300.0)
-        if isinstance(exc, ChainguardError) and exc.retry_after is not None:
-            delay = max(delay, exc.retry_after)
-        raise kopf.TemporaryError(f"deleting the identity: {exc}", delay=delay) from None
+        await runtime.finalize(body)
+    except DeletionBlocked as exc:
+        raise kopf.TemporaryError(str(exc), delay=runtime.deletion_delay(retry, exc)) from None

@@ -4,7 +4,10 @@ and every Chainguard API request by method, route and status code.
 A static identity that silently nears expiry is the failure this operator exists to prevent, so its
 expiry and renewal times are exported as timestamps an alert can compare with ``time()``. The registry
 is a few dictionaries rendered in the Prometheus text format and served by aiohttp (already a kopf
-dependency), which keeps the operator's dependency list to what it needs.
+dependency), which keeps the operator's dependency list to what it needs. Values are rendered exactly
+(:func:`format_value`): a whole number as an integer, anything else as Python's shortest round-trip
+``repr``, so a timestamp such as 1798021053 never becomes ``1.79802e+09`` and a counter past a million
+keeps moving; the tests read the output back with the official client's parser.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
+import math
 
 from aiohttp import web
 
@@ -27,6 +31,7 @@ _HELP = {
     ),
     "chainguard_identity_rotations_total": ("counter", "Renewals and replacements of identities, by reason."),
     "chainguard_identity_ready": ("gauge", "1 when the ChainguardIdentity is Ready, else 0."),
+    "chainguard_identity_reconciles_total": ("counter", "Finished reconcile passes, by outcome."),
     "chainguard_api_requests_total": ("counter", "Chainguard API requests by method, route and status code."),
 }
 
@@ -37,6 +42,22 @@ def _labels(**values: str) -> Labels:
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+# Whole numbers up to 2**53 are exact in a float; past that a float's digits are not all meaningful.
+_EXACT_INTEGERS = 2.0**53
+
+
+def format_value(value: float) -> str:
+    """A sample value in the text format: exact, never rounded to six digits like ``{:g}``."""
+    value = float(value)  # an int has no is_integer() before Python 3.12
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) <= _EXACT_INTEGERS:
+        return str(int(value))
+    return repr(value)
 
 
 class Metrics:
@@ -59,9 +80,14 @@ class Metrics:
         expires_at: datetime.datetime | None,
         renew_at: datetime.datetime | None,
         rotated: str | None,
+        phase: str = "",
     ) -> None:
         key = _labels(namespace=namespace, name=name)
         self._values["chainguard_identity_ready"][key] = 1.0 if ready else 0.0
+        if phase:
+            passes = self._values["chainguard_identity_reconciles_total"]
+            outcome = _labels(outcome=phase)
+            passes[outcome] = passes.get(outcome, 0.0) + 1
         for metric, when in (
             ("chainguard_identity_expiration_timestamp_seconds", expires_at),
             ("chainguard_identity_renewal_timestamp_seconds", renew_at),
@@ -74,6 +100,10 @@ class Metrics:
             rotation = _labels(namespace=namespace, name=name, reason=rotated)
             series = self._values["chainguard_identity_rotations_total"]
             series[rotation] = series.get(rotation, 0.0) + 1
+
+    def total(self, metric: str) -> float:
+        """The sum of every series of ``metric`` (for tests and the bench)."""
+        return sum(self._values.get(metric, {}).values())
 
     def forget_identity(self, namespace: str, name: str) -> None:
         for series in self._values.values():
@@ -93,7 +123,7 @@ class Metrics:
             lines.append(f"# TYPE {metric} {kind}")
             for key, value in sorted(self._values.get(metric, {}).items()):
                 rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in key)
-                lines.append(f"{metric}{{{rendered}}} {value:g}")
+                lines.append(f"{metric}{{{rendered}}} {format_value(value)}")
         return "\n".join(lines) + "\n"
 
 

@@ -1,13 +1,20 @@
-"""One reconcile pass for one ``ChainguardIdentity``: observe, decide, act, then patch status once.
+"""One reconcile pass for one ``ChainguardIdentity``: observe, decide, act, fold; then patch what changed.
 
-``reconcile`` is the only code path for create, update, resume, resync and scheduled renewal: it reads
-what Chainguard and the cluster hold, asks ``decide`` for the next action, performs it, folds the result
-into what it observed, and repeats until ``decide`` says ``Done``. It never raises for a bad spec or a
-failing API: it returns an ``Outcome`` whose health becomes the conditions, and the caller schedules
-the next pass (sooner, with backoff, after a transient failure).
+``reconcile`` is the only code path for create, update, resume, resync and scheduled renewal. It reads
+what Chainguard and the cluster hold, lets ``policy`` say which identities the resource owns and which
+one it uses, asks ``decide`` for the next action, performs it, hands the result to ``decide.fold``, and
+repeats until ``decide`` says ``Done``. Its own ``if``s are about I/O only; every choice of what to do,
+and of what the conditions say (``health``), is made by pure functions the tests reach without I/O.
 
-``finalize`` runs on deletion: it removes the identity and its role bindings unless the policy is
-``Orphan``, and only when the identity's description proves this object owns it.
+A pass never raises for a bad spec or a failing API: it returns an ``Outcome`` whose health becomes the
+conditions, and the caller schedules the next pass (sooner, with backoff, after a transient failure).
+A write whose answer was lost (``OutcomeUnknown``) ends the pass and forgets the parent's listing, so
+the next pass looks at what really happened before it writes again. The status patch carries only the
+fields that changed, and a pass that changed nothing writes nothing.
+
+``finalize`` runs on deletion: it removes every identity the resource owns — the current one, the ones
+being retired, duplicates — with their role bindings, unless the policy is ``Orphan`` (which keeps the
+current one), and only identities whose marker names this resource, checked on a fresh read.
 
 Messages that reach status, events and logs are built from API error messages and our own text — never
 from request headers — so no token can leak through them.
@@ -18,23 +25,19 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from chainguard_identity_operator import naming
+from chainguard_identity_operator import health as healths
+from chainguard_identity_operator import naming, policy
 from chainguard_identity_operator.chainguard.client import ChainguardClient
-from chainguard_identity_operator.chainguard.errors import (
-    APIError,
-    ChainguardError,
-    InvalidArgument,
-    PermissionDenied,
-)
-from chainguard_identity_operator.chainguard.types import Identity, RoleBinding, format_time
+from chainguard_identity_operator.chainguard.errors import AlreadyExists, InvalidArgument
+from chainguard_identity_operator.chainguard.types import Identity, format_time
 from chainguard_identity_operator.cluster import (
     ClusterClient,
-    ClusterError,
     ClusterFactsCache,
     ConfigMapConflict,
+    ConfigMapState,
     ObjectRef,
 )
 from chainguard_identity_operator.conditions import Health, Phase, build_conditions
@@ -42,20 +45,46 @@ from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.decide import (
     Action,
     BindRole,
+    Bound,
+    Created,
     CreateIdentity,
+    DeleteConfigMap,
     DeleteIdentity,
     Done,
     Observed,
+    Refused,
+    Removed,
+    Result,
+    Rotation,
+    Taken,
+    TakeSpare,
     Target,
     UnbindRole,
+    Updated,
     UpdateIdentity,
     WriteConfigMap,
+    Written,
     build_target,
     decide,
+    fold,
+    forced_rotation,
+    registered_fingerprint,
     renewal_due_at,
+    resolve_mode,
 )
 from chainguard_identity_operator.directory import Directory
-from chainguard_identity_operator.model import UIDP, IdentitySpec, Mode, RecordedStatus, SpecError, parse_spec
+from chainguard_identity_operator.health import Failure, KeysUnavailable
+from chainguard_identity_operator.jwks import parse_jwks
+from chainguard_identity_operator.model import UIDP, IdentitySpec, Mode, SpecError, parse_spec
+from chainguard_identity_operator.naming import Owner
+from chainguard_identity_operator.status import (
+    BindingRecord,
+    Condition,
+    IdentityStatus,
+    Retiring,
+    RotationPending,
+    status_patch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +118,13 @@ class Resource:
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     health: Health
-    status: Mapping[str, Any]
+    status: IdentityStatus
+    patch: Mapping[str, Any]  # what changed in status; empty when nothing did
     events: tuple[Event, ...]
     wake_at: datetime.datetime | None  # a scheduled change (renewal); None: the resync interval applies
     retry_after: float | None = None  # set for transient failures: run again after this many seconds
     transient: bool = False
-    rotated: str | None = None  # why keys or expiry changed in this pass (renewal, keys-changed, ...)
+    rotated: str | None = None  # why keys, expiry or ID changed in this pass (renewal, keys-changed, ...)
 
 
 class _Lookups:
@@ -120,13 +150,27 @@ class Context:
     cluster: ClusterClient
     facts: ClusterFactsCache
     clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)
+    # The cluster ID ownership markers carry (the kube-system namespace UID unless set); read at start.
+    cluster_id: str | None = None
+    # The identities the operator authenticates as now: never deleted, never stripped of a binding.
+    own_identities: Callable[[], frozenset[str]] = frozenset
+    # Told when a ConfigMap in the operator's namespace names an identity (its own may have moved on).
+    on_published: Callable[[str, str, str], None] = lambda _namespace, _name, _identity: None
     lookups: _Lookups = dataclasses.field(default_factory=_Lookups)
     directory: Directory = dataclasses.field(init=False)
+    # Which resource manages which identity, as this process saw it last: closes the window in which two
+    # resources could both adopt an identity before either has marked it.
+    managers: dict[str, Owner] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Listings live half a resync: every resource of a parent resyncs from one listing.
         ttl = self.settings.resync_interval / 2
         self.directory = Directory(self.chainguard, ttl=ttl, clock=self.clock)
+
+    def owner(self, ref: ObjectRef) -> Owner:
+        if self.cluster_id is None:
+            raise RuntimeError("the cluster ID was not read at start")
+        return Owner(self.settings.cluster_name, self.cluster_id, ref.namespace, ref.name)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,421 +206,594 @@ async def resolve_parent(ctx: Context, spec: IdentitySpec, now: datetime.datetim
     return uid
 
 
+async def resolve_role(ctx: Context, role: str, parent: str, now: datetime.datetime) -> str | None:
+    """A role name (or UIDP) as the UIDP bound in ``parent``; None when no such role exists."""
+    if UIDP.fullmatch(role):
+        return role
+    cached = ctx.lookups.get("role", f"{parent}:{role}", now)
+    if isinstance(cached, str):
+        return cached
+    found = [r for r in await ctx.chainguard.find_roles(role) if r.name == role]
+    # Prefer the built-in role; a custom role counts only if it is defined in the parent or above.
+    builtin = [r for r in found if r.builtin]
+    custom = [r for r in found if not r.builtin and (parent + "/").startswith(r.uid.rsplit("/", 1)[0] + "/")]
+    candidates = builtin or custom
+    if not candidates:
+        return None
+    ctx.lookups.put("role", f"{parent}:{role}", candidates[0].uid, now)
+    return candidates[0].uid
+
+
 async def resolve_roles(
     ctx: Context, spec: IdentitySpec, parent: str, now: datetime.datetime
 ) -> dict[str, str]:
     resolved: dict[str, str] = {}
     for index, role in enumerate(spec.roles):
-        if UIDP.fullmatch(role):
-            resolved[role] = role
-            continue
-        cached = ctx.lookups.get("role", f"{parent}:{role}", now)
-        if isinstance(cached, str):
-            resolved[role] = cached
-            continue
-        found = [r for r in await ctx.chainguard.find_roles(role) if r.name == role]
-        # Prefer the built-in role; a custom role counts only if it is defined in the parent or above.
-        builtin = [r for r in found if r.builtin]
-        custom = [
-            r for r in found if not r.builtin and (parent + "/").startswith(r.uid.rsplit("/", 1)[0] + "/")
-        ]
-        candidates = builtin or custom
-        if not candidates:
+        uid = await resolve_role(ctx, role, parent, now)
+        if uid is None:
             raise SpecError(f"spec.roles[{index}]", f"no role named {role!r} exists", reason="RoleNotFound")
-        ctx.lookups.put("role", f"{parent}:{role}", candidates[0].uid, now)
-        resolved[role] = candidates[0].uid
+        resolved[role] = uid
     return resolved
 
 
+async def _allowed_role_ids(ctx: Context, parent: str, now: datetime.datetime) -> set[str]:
+    found = [await resolve_role(ctx, role, parent, now) for role in ctx.settings.allowed_roles]
+    return {uid for uid in found if uid is not None}
+
+
 # ---------------------------------------------------------------------------------------------------
-# The pass
+# Observing
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    """What a pass observed, before any action."""
+
+    observed: Observed
+    config_map: ConfigMapState | None
+    adopted: str | None  # the spec.adopt value acted on (what status records)
+    adopting: Identity | None  # an identity taken over in this pass
+    rotation: Rotation  # what the rotate annotation asks of this pass
+    ignored: tuple[str, ...]  # identity IDs status named that this resource does not own
+    name: str  # the identity's name (the deterministic one, or an adopted identity's)
+    service_account_exists: bool = True
+
+
+async def _existing(ctx: Context, uids: Iterable[str]) -> list[Identity]:
+    found = [await ctx.directory.identity(uid) for uid in uids]
+    return [identity for identity in found if identity is not None]
+
+
+async def _observe(
+    ctx: Context,
+    resource: Resource,
+    spec: IdentitySpec,
+    previous: IdentityStatus,
+    owner: Owner,
+    parent: str,
+    issuer: str,
+    role_ids: Mapping[str, str],
+    now: datetime.datetime,
+) -> _Snapshot:
+    settings = ctx.settings
+    listed = await ctx.directory.identities(parent)
+    recorded = (await _existing(ctx, [previous.identity_id]))[0:1] if previous.identity_id else []
+    recorded_retiring = {r.identity_id: r.delete_after for r in previous.retiring}
+    retiring_found = await _existing(ctx, recorded_retiring)
+    config_map = await ctx.cluster.read_config_map(resource.ref, spec.config_map_name)
+    if config_map is not None and not config_map.owned:
+        raise ConfigMapConflict(
+            f"ConfigMap {resource.ref.namespace}/{spec.config_map_name} exists and is not owned by this "
+            "ChainguardIdentity; delete it or set spec.configMap.name"
+        )
+    published = config_map.data.get("CHAINGUARD_IDENTITY") if config_map is not None else None
+    candidate = (await _existing(ctx, [spec.adopt]))[0:1] if spec.adopt else []
+    deterministic = naming.identity_name(settings.cluster_name, spec.namespace, spec.name)
+    names = {deterministic, *(i.name for i in candidate), *(i.name for i in recorded)}
+    mode = resolve_mode(spec, spec.issuer or issuer, settings, candidate[0] if candidate else None)
+
+    def choose(adopted: Identity | None) -> policy.Selection:
+        return policy.select(
+            owner=owner,
+            listed=listed,
+            recorded=recorded[0] if recorded else None,
+            recorded_retiring=recorded_retiring,
+            retiring_found=retiring_found,
+            config_map_identity=published,
+            names=names,
+            wanted_static=mode is Mode.STATIC,
+            now=now,
+            grace=settings.replacement_grace,
+            adopted=adopted,
+        )
+
+    selection = choose(None)
+    adopted_value, adopting = previous.adopted, None
+    inherited = previous.inherited_roles
+    if spec.adopt is not None and spec.adopt != previous.adopted:
+        current = selection.current
+        if not candidate:
+            if current is None:
+                raise SpecError(
+                    "spec.adopt",
+                    f"identity {spec.adopt} does not exist in Chainguard",
+                    reason="AdoptTargetNotFound",
+                )
+            adopted_value = spec.adopt  # taken over and since replaced: the status recording it was lost
+        elif (
+            current is not None
+            and current.uid != spec.adopt
+            and policy.claim_of(candidate[0], owner) is policy.Claim.OURS
+        ):
+            adopted_value = spec.adopt  # ours already, and superseded by ``current``
+        else:
+            adopting = candidate[0]
+            candidate_bindings = await ctx.chainguard.list_role_bindings(identity=adopting.uid)
+            refusal = policy.adoption_refusal(
+                owner=owner,
+                candidate=adopting,
+                candidate_roles={b.role_uid for b in candidate_bindings},
+                allowed_role_ids=await _allowed_role_ids(ctx, parent, now),
+                adoption_allowed_here=settings.adoption_allowed_in(owner.namespace),
+                operator_namespace=settings.operator_namespace,
+                operator_identities={
+                    *ctx.own_identities(),
+                    *([settings.identity] if settings.identity else []),
+                },
+                privileged_allowed=settings.adoption_privileged,
+                managers=ctx.managers,
+            )
+            if refusal is not None:
+                raise refusal
+            adopted_value = spec.adopt
+            inherited = policy.inherited_roles(candidate_bindings, parent, set(role_ids.values()))
+            selection = choose(adopting)
+    current = selection.current
+    bindings = await ctx.directory.bindings(current) if current is not None else ()
+    retired_bindings = {old.uid: await ctx.directory.bindings(old) for old in selection.retired}
+    own = ctx.own_identities()
+    stale: tuple[str, ...] = ()
+    if previous.config_map_name and previous.config_map_name != spec.config_map_name:
+        stale = (previous.config_map_name,)
+    rotation = forced_rotation(
+        request=resource.rotation_request,
+        done=previous.rotation_request,
+        pending=(previous.rotation_pending.request, previous.rotation_pending.identity_updated_at)
+        if previous.rotation_pending is not None
+        else None,
+        identity_updated_at=_updated_at(current),
+    )
+    service_account = await ctx.cluster.service_account_exists(spec.namespace, spec.service_account_name)
+    return _Snapshot(
+        observed=Observed(
+            identity=current,
+            bindings=bindings,
+            config_map=config_map.data if config_map is not None else None,
+            stale_config_maps=stale,
+            retired=selection.retired,
+            spares=selection.spares,
+            retired_bindings=retired_bindings,
+            retire_after=selection.retire_after,
+            force_rotation=rotation is Rotation.DUE and mode is Mode.STATIC,
+            inherited_roles=inherited,
+            protected=own,
+        ),
+        config_map=config_map,
+        adopted=adopted_value,
+        adopting=adopting,
+        rotation=rotation,
+        ignored=selection.ignored,
+        name=(adopting.name if adopting else current.name if current is not None else deterministic),
+        service_account_exists=service_account,
+    )
+
+
+def _observation_events(previous: IdentityStatus, snapshot: _Snapshot) -> list[Event]:
+    """What a person should hear about what a pass found before it did anything."""
+    events = [
+        Event("LeftAlone", f"status names identity {uid}, which this resource does not own; left alone", True)
+        for uid in snapshot.ignored
+    ]
+    current = snapshot.observed.identity
+    if current is not None and current.uid != previous.identity_id and snapshot.adopting is None:
+        found = f"found identity {current.uid} ({current.name}), made by this resource earlier"
+        events.append(Event("Adopted", found))
+    known = {r.identity_id for r in previous.retiring}
+    events.extend(
+        Event("Retiring", f"identity {old.uid} ({old.name}) is this resource's but unused: deleting it")
+        for old in snapshot.observed.retired
+        if old.uid not in known
+    )
+    return events
+
+
+def _updated_at(identity: Identity | None) -> str:
+    if identity is None or identity.update_time is None:
+        return ""
+    return identity.update_time.isoformat()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Acting
 
 
 @dataclasses.dataclass
 class _Pass:
     """Mutable state of one pass: the snapshot ``decide`` reads and what happened along the way."""
 
+    resource: Resource
+    spec: IdentitySpec
     observed: Observed
+    config_map: ConfigMapState | None
     now: datetime.datetime
     events: list[Event] = dataclasses.field(default_factory=list)
-    rotated: str | None = None  # why the identity's keys or expiry changed in this pass
+    rotated: str | None = None  # why the identity's keys, expiry or ID changed in this pass
+    rotation_done: bool = False
 
 
-def _owns(ctx: Context, resource: Resource, identity: Identity) -> bool:
-    return naming.is_owned_by(
-        identity.description, ctx.settings.cluster_name, resource.ref.namespace, resource.ref.name
-    )
-
-
-async def _observe(
-    ctx: Context, resource: Resource, spec: IdentitySpec, recorded: RecordedStatus, now: datetime.datetime
-) -> tuple[Identity | None, Identity | None, tuple[Identity, ...], dict[str, datetime.datetime]]:
-    """The identity this resource manages now, the adopted one (if any), ours to retire and when."""
-    retire_after = dict(recorded.retiring)
-    identity = None
-    retired: tuple[Identity, ...] = ()
-    for uid, _when in recorded.retiring:
-        old = await ctx.directory.identity(uid)
-        if old is not None:
-            retired += (old,)
-    if recorded.identity_id is not None:
-        identity = await ctx.directory.identity(recorded.identity_id)
-    adopted = None
-    if spec.adopt is not None:
-        if identity is not None and identity.uid == spec.adopt:
-            adopted = identity
-        else:
-            adopted = await ctx.directory.identity(spec.adopt)
-            if adopted is None:
-                raise SpecError(
-                    "spec.adopt",
-                    f"identity {spec.adopt} does not exist in Chainguard",
-                    reason="AdoptTargetNotFound",
+async def _perform(ctx: Context, state: _Pass, action: Action) -> Result:
+    """Perform one action against Chainguard or the cluster; what it came to. Failures raise."""
+    ref = state.resource.ref
+    match action:
+        case CreateIdentity():
+            created = await ctx.chainguard.create_identity(action.parent, action.identity)
+            ctx.directory.put_identity(created)
+            return Created(created)
+        case TakeSpare():
+            return Taken()
+        case UpdateIdentity():
+            if action.reason == "forced":
+                await _checkpoint_rotation(ctx, state, action)
+            try:
+                updated = await ctx.chainguard.update_identity(action.uid, action.identity, action.mask)
+            except InvalidArgument as exc:
+                if not action.sets_expiry:
+                    raise
+                return Refused(exc.message)
+            ctx.directory.put_identity(updated)
+            return Updated(updated)
+        case BindRole():
+            try:
+                binding = await ctx.chainguard.create_role_binding(
+                    action.parent, identity=action.identity, role=action.role_id
                 )
-            if identity is not None and _owns(ctx, resource, identity):
-                retired += (identity,)
-                retire_after[identity.uid] = now + ctx.settings.replacement_grace
-            identity = adopted
-    return identity, adopted, retired, retire_after
-
-
-async def _bindings(ctx: Context, identity: Identity | None) -> tuple[RoleBinding, ...]:
-    if identity is None:
-        return ()
-    return await ctx.directory.bindings(identity)
-
-
-async def _create(ctx: Context, resource: Resource, action: CreateIdentity, state: _Pass) -> None:
-    """Create the identity — after looking its name up, so a crash never leaves a duplicate."""
-    replaced = state.observed.identity
-    found = [
-        candidate
-        for candidate in await ctx.chainguard.list_identities(action.parent, name=action.identity.name)
-        if _owns(ctx, resource, candidate)
-        and candidate.uid != action.replaces
-        and candidate.uid not in {old.uid for old in state.observed.retired}
-        and (candidate.static_keys is None) == (action.identity.static_keys is None)
-    ]
-    found.sort(
-        key=lambda item: (item.create_time or datetime.datetime.max.replace(tzinfo=datetime.UTC), item.uid)
-    )
-    if found:
-        identity, duplicates = found[0], tuple(found[1:])
-        state.events.append(
-            Event("Adopted", f"found identity {identity.uid} ({identity.name}) left by an earlier pass")
-        )
-        bindings = await _bindings(ctx, identity)
-    else:
-        identity = await ctx.chainguard.create_identity(action.parent, action.identity)
-        ctx.directory.put_identity(identity)
-        duplicates = ()
-        bindings = ()
-        state.events.append(
-            Event("Created", f"created identity {identity.uid} ({identity.name}) in {action.parent}")
-        )
-    retired = state.observed.retired + duplicates
-    retire_after = dict(state.observed.retire_after)
-    grace_ends = state.now + ctx.settings.replacement_grace
-    for duplicate in duplicates:
-        retire_after[duplicate.uid] = grace_ends
-    if replaced is not None:
-        state.rotated = "replacement"
-        if _owns(ctx, resource, replaced):
-            retired += (replaced,)
-            retire_after[replaced.uid] = grace_ends
-        else:
-            state.events.append(
-                Event(
-                    "LeftAlone",
-                    f"identity {replaced.uid} is not marked as owned by this object; not deleting it",
+            except AlreadyExists:
+                # What we meant to create exists (an earlier answer was lost): it is ours to use.
+                found = await ctx.chainguard.find_role_binding(
+                    action.parent, identity=action.identity, role=action.role_id
                 )
-            )
-    state.observed = dataclasses.replace(
-        state.observed,
-        identity=identity,
-        bindings=bindings,
-        retired=retired,
-        retire_after=retire_after,
-        in_place_rejected=False,
-        force_rotation=False,
-    )
+                if found is None:
+                    raise
+                binding = found
+            ctx.directory.put_binding(binding)
+            return Bound(binding)
+        case UnbindRole():
+            await ctx.chainguard.delete_role_binding(action.binding.uid)
+            ctx.directory.drop_binding(action.binding.uid)
+            return Removed()
+        case WriteConfigMap():
+            await ctx.cluster.write_config_map(ref, action.name, action.data, state.config_map)
+            state.config_map = ConfigMapState(data=dict(action.data), owned=True)
+            if ref.namespace == ctx.settings.operator_namespace:
+                ctx.on_published(ref.namespace, action.name, action.data["CHAINGUARD_IDENTITY"])
+            return Written()
+        case DeleteConfigMap():
+            await ctx.cluster.delete_config_map(ref, action.name)
+            return Removed()
+        case DeleteIdentity():
+            await _delete_identity(ctx, action.uid, action.bindings)
+            return Removed()
+    raise AssertionError(f"{type(action).__name__} is not performed")
 
 
-async def _update(ctx: Context, action: UpdateIdentity, state: _Pass) -> None:
-    try:
-        identity = await ctx.chainguard.update_identity(action.uid, action.identity, action.mask)
-        ctx.directory.put_identity(identity)
-    except InvalidArgument as exc:
-        if not any(path.startswith("static_keys") for path in action.mask):
-            raise
-        # The API would not extend this identity in place (e.g. past its creation time + maximum
-        # lifetime): rotate by replacement instead.
-        state.events.append(Event("RotatingByReplacement", f"in-place update refused: {exc.message}"))
-        state.observed = dataclasses.replace(state.observed, in_place_rejected=True)
-        return
-    if action.reason in ("renewal", "keys-changed", "forced"):
-        state.rotated = action.reason
-        state.observed = dataclasses.replace(state.observed, force_rotation=False)
-        expiry = identity.static_keys.expiration_time if identity.static_keys else None
-        until = f" until {format_time(expiry)}" if expiry else ""
-        state.events.append(
-            Event("Rotated", f"updated identity {identity.uid} in place ({action.reason}){until}")
-        )
-    elif action.reason == "adopt":
-        state.events.append(Event("Adopted", f"took over identity {identity.uid} ({identity.name})"))
-    else:
-        state.events.append(Event("Updated", f"corrected identity {identity.uid}: {', '.join(action.mask)}"))
-    state.observed = dataclasses.replace(state.observed, identity=identity)
-
-
-async def _delete_identity(ctx: Context, uid: str) -> None:
-    for binding in await ctx.chainguard.list_role_bindings(identity=uid):
-        await ctx.chainguard.delete_role_binding(binding.uid)
+async def _delete_identity(ctx: Context, uid: str, bindings: Iterable[str]) -> None:
+    for binding in bindings:
+        await ctx.chainguard.delete_role_binding(binding)
+        ctx.directory.drop_binding(binding)
     await ctx.chainguard.delete_identity(uid)
     ctx.directory.drop_identity(uid)
 
 
-async def _act(ctx: Context, resource: Resource, spec: IdentitySpec, action: Action, state: _Pass) -> None:
-    observed = state.observed
-    match action:
-        case CreateIdentity():
-            await _create(ctx, resource, action, state)
-        case UpdateIdentity():
-            await _update(ctx, action, state)
-        case BindRole():
-            binding = await ctx.chainguard.create_role_binding(
-                action.parent, identity=action.identity, role=action.role_id
-            )
-            ctx.directory.put_binding(binding)
-            state.observed = dataclasses.replace(observed, bindings=(*observed.bindings, binding))
-            state.events.append(Event("RoleBound", f"bound role {action.role} in {action.parent}"))
-        case UnbindRole():
-            await ctx.chainguard.delete_role_binding(action.binding.uid)
-            ctx.directory.drop_binding(action.binding.uid)
-            remaining = tuple(b for b in observed.bindings if b.uid != action.binding.uid)
-            state.observed = dataclasses.replace(observed, bindings=remaining)
-            state.events.append(Event("RoleUnbound", f"removed role binding {action.binding.uid}"))
-        case WriteConfigMap():
-            await ctx.cluster.write_config_map(resource.ref, spec.config_map_name, action.data)
-            state.observed = dataclasses.replace(observed, config_map=dict(action.data))
-            state.events.append(
-                Event(
-                    "ConfigMapWritten",
-                    f"ConfigMap {spec.config_map_name} names {action.data['CHAINGUARD_IDENTITY']}",
-                )
-            )
-        case DeleteIdentity():
-            await _delete_identity(ctx, action.uid)
-            state.observed = dataclasses.replace(
-                observed, retired=tuple(i for i in observed.retired if i.uid != action.uid)
-            )
-            state.events.append(Event("Deleted", f"deleted identity {action.uid} ({action.reason})"))
-        case Done():  # pragma: no cover - the loop stops before acting on Done
-            pass
-
-
-def _status(
-    resource: Resource,
-    recorded: RecordedStatus,
-    target: Target | None,
-    state: _Pass | None,
-    spec: IdentitySpec | None,
-    health: Health,
-    now: datetime.datetime,
-) -> dict[str, Any]:
-    """The whole status this pass writes. Fields it learned nothing about keep their recorded value."""
-    previous = dict(resource.status)
-    status: dict[str, Any] = {key: value for key, value in previous.items() if key not in ("kopf",)}
-    identity = state.observed.identity if state is not None else None
-    if target is not None and identity is not None and state is not None:
-        static = identity.static_keys
-        status.update(
-            identityId=identity.uid,
-            identityName=identity.name,
-            mode=target.mode.value,
-            issuer=target.issuer,
-            subject=target.subject,
-            audience=target.audience,
-            parent=target.parent,
-            roleBindings=[
-                {"role": role, "roleId": role_id, "bindingId": binding.uid}
-                for role, role_id in target.role_ids.items()
-                for binding in state.observed.bindings
-                if binding.role_uid == role_id and binding.group_uid == target.parent
-            ],
-        )
-        if static is not None and target.keys is not None:
-            status["keys"] = {"fingerprint": target.keys.fingerprint, "keyIds": list(target.keys.key_ids)}
-            if static.expiration_time is not None:
-                status["expiresAt"] = format_time(static.expiration_time)
-                status["renewAt"] = format_time(renewal_due_at(static.expiration_time, target.static))
-        else:
-            for key in ("keys", "expiresAt", "renewAt"):
-                status.pop(key, None)
-        if state.rotated:
-            status["lastRotatedAt"] = format_time(now)
-        if state.observed.config_map is not None and spec is not None:
-            status["configMapName"] = spec.config_map_name
-        if state.observed.retired:
-            status["retiring"] = [
-                {
-                    "identityId": old.uid,
-                    "deleteAfter": format_time(state.observed.retire_after.get(old.uid, now)),
-                }
-                for old in state.observed.retired
-            ]
-        else:
-            status.pop("retiring", None)
-        if health.phase is Phase.READY and resource.rotation_request is not None:
-            status["rotationRequest"] = resource.rotation_request
-    status["observedGeneration"] = resource.generation
-    status["conditions"] = build_conditions(
-        recorded.conditions, health, generation=resource.generation, now_text=format_time(now)
+async def _checkpoint_rotation(ctx: Context, state: _Pass, action: UpdateIdentity) -> None:
+    """Record a forced rotation before writing it, with the identity's updateTime: after a crash, the
+    next pass can tell whether the write happened (see ``decide.forced_rotation``)."""
+    request = state.resource.rotation_request
+    assert request is not None
+    pending = RotationPending(request=request, identity_updated_at=_updated_at(state.observed.identity))
+    await ctx.cluster.patch_status(
+        state.resource.ref,
+        {"rotationPending": {"request": pending.request, "identityUpdatedAt": pending.identity_updated_at}},
     )
-    return status
 
 
-def _failure_health(exc: Exception) -> tuple[Health, bool, float | None]:
-    """(health, transient, retry_after) for an exception that ended a pass."""
-    if isinstance(exc, SpecError):
-        return Health(Phase.STALLED, exc.reason, str(exc)), False, None
-    if isinstance(exc, ConfigMapConflict):
-        return Health(Phase.STALLED, "ConfigMapConflict", str(exc)), False, None
-    if isinstance(exc, PermissionDenied):
-        message = f"Chainguard denied the operator: {exc.message}; grant its identity a role in the parent"
-        return Health(Phase.STALLED, "PermissionDenied", message), True, None
-    if isinstance(exc, InvalidArgument):
-        return (
-            Health(Phase.STALLED, "ChainguardRejected", f"Chainguard rejected the request: {exc.message}"),
-            False,
-            None,
-        )
-    if isinstance(exc, ChainguardError):
-        text = exc.message if isinstance(exc, APIError) else str(exc)
-        return Health(Phase.PROGRESSING, "ChainguardUnavailable", f"retrying: {text}"), True, exc.retry_after
-    if isinstance(exc, ClusterError):
-        return Health(Phase.PROGRESSING, "ClusterUnavailable", f"retrying: {exc}"), True, None
-    raise exc
+def _event(action: Action, result: Result) -> Event | None:
+    """The event an action's result is worth (None: nothing a person needs to see)."""
+    match action, result:
+        case CreateIdentity(), Created(identity=created):
+            verb = f"replacing {action.replaces}" if action.replaces else f"in {action.parent}"
+            return Event("Created", f"created identity {created.uid} ({created.name}) {verb}")
+        case TakeSpare(), Taken():
+            what = f"to replace {action.replaces}" if action.replaces else "left by an earlier pass"
+            return Event("Adopted", f"using identity {action.uid} {what}")
+        case UpdateIdentity(), Updated(identity=updated):
+            if action.reason == "adopt":
+                return Event("Adopted", f"took over identity {updated.uid} ({updated.name})")
+            if action.reason == "migrate":
+                return Event(
+                    "Migrated", f"identity {updated.uid} now carries this cluster's ID in its marker"
+                )
+            if action.reason in ("renewal", "keys-changed", "forced"):
+                expiry = updated.static_keys.expiration_time if updated.static_keys else None
+                until = f" until {format_time(expiry)}" if expiry else ""
+                return Event("Rotated", f"updated identity {updated.uid} in place ({action.reason}){until}")
+            return Event("Updated", f"corrected identity {updated.uid}: {', '.join(action.mask)}")
+        case UpdateIdentity(), Refused(message=message):
+            return Event("RotatingByReplacement", f"in-place renewal refused: {message}")
+        case BindRole(), Bound():
+            return Event("RoleBound", f"bound role {action.role} in {action.parent}")
+        case UnbindRole(), Removed():
+            return Event("RoleUnbound", f"removed role binding {action.binding.uid}")
+        case WriteConfigMap(), Written():
+            return Event(
+                "ConfigMapWritten", f"ConfigMap {action.name} names {action.data['CHAINGUARD_IDENTITY']}"
+            )
+        case DeleteConfigMap(), Removed():
+            return Event(
+                "ConfigMapDeleted", f"deleted ConfigMap {action.name}, no longer in spec.configMap.name"
+            )
+        case DeleteIdentity(), Removed():
+            return Event("Deleted", f"deleted identity {action.uid} ({action.reason})")
+    return None
+
+
+def _rotation_reason(action: Action, result: Result) -> str | None:
+    if isinstance(action, CreateIdentity | TakeSpare) and action.replaces is not None:
+        return "replacement"
+    rotating = isinstance(action, UpdateIdentity) and action.reason in ("renewal", "keys-changed", "forced")
+    if rotating and isinstance(result, Updated):
+        assert isinstance(action, UpdateIdentity)
+        return action.reason
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pass
 
 
 async def reconcile(ctx: Context, resource: Resource) -> Outcome:
     now = ctx.clock()
-    recorded = RecordedStatus.from_status(resource.status)
+    previous = IdentityStatus.from_dict(resource.status)
+    owner = ctx.owner(resource.ref)
     spec: IdentitySpec | None = None
     target: Target | None = None
     state: _Pass | None = None
+    snapshot: _Snapshot | None = None
+    parent: str | None = None
+    failure: Failure | None = None
     wake_at = None
-    transient = False
-    retry_after = None
+    notes: list[Event] = []
     try:
         spec = parse_spec(resource.ref.namespace, resource.ref.name, resource.spec, ctx.settings)
         facts = await ctx.facts.get()
         parent = await resolve_parent(ctx, spec, now)
         role_ids = await resolve_roles(ctx, spec, parent, now)
-        identity, adopted, retired, retire_after = await _observe(ctx, resource, spec, recorded, now)
+        snapshot = await _observe(ctx, resource, spec, previous, owner, parent, facts.issuer, role_ids, now)
+        notes.extend(_observation_events(previous, snapshot))
+        adopted = snapshot.adopting or (snapshot.observed.identity if snapshot.adopted else None)
+        keys = facts.usable_keys(now, ctx.settings.jwks_max_staleness)
         target = build_target(
-            spec, parent=parent, facts=facts, settings=ctx.settings, role_ids=role_ids, adopted=adopted
+            spec,
+            owner=owner,
+            parent=parent,
+            issuer=facts.issuer,
+            keys=keys,
+            settings=ctx.settings,
+            role_ids=role_ids,
+            adopted=snapshot.adopting,
+            name=snapshot.name if adopted is not None else None,
         )
         if target.mode is Mode.STATIC and target.keys is None:
-            raise ClusterError(ctx.facts.keys_error or "the cluster's JWKS is not available")
-        config_map = await ctx.cluster.read_config_map(resource.ref, spec.config_map_name)
-        if config_map is not None and not config_map.owned:
-            raise ConfigMapConflict(
-                f"ConfigMap {resource.ref.namespace}/{spec.config_map_name} exists and is not owned by this "
-                "ChainguardIdentity; delete it or set spec.configMap.name"
+            raise KeysUnavailable(facts.keys_problem(now, ctx.settings.jwks_max_staleness))
+        if snapshot.rotation is Rotation.DUE and target.mode is Mode.CLAIM_MATCH:
+            notes.append(
+                Event(
+                    "RotationIgnored",
+                    f"{ROTATE_ANNOTATION}={resource.rotation_request}: a ClaimMatch identity has no keys or "
+                    "expiry to rotate; nothing was done",
+                )
             )
-        if identity is None and recorded.identity_id is not None:
-            state_events = [
-                Event("IdentityMissing", f"identity {recorded.identity_id} is gone; recreating", True)
-            ]
-        else:
-            state_events = []
-        bindings = await _bindings(ctx, identity)
-        foreign: frozenset[str] = frozenset()
-        if adopted is not None:
-            recorded_ids = {b.binding_id for b in recorded.role_bindings}
-            foreign = frozenset(b.uid for b in bindings if b.uid not in recorded_ids)
         state = _Pass(
-            observed=Observed(
-                identity=identity,
-                bindings=bindings,
-                foreign_bindings=foreign,
-                config_map=config_map.data if config_map is not None else None,
-                retired=retired,
-                retire_after=retire_after,
-                force_rotation=resource.rotation_request not in (None, recorded.rotation_request),
-            ),
-            now=now,
-            events=state_events,
+            resource=resource, spec=spec, observed=snapshot.observed, config_map=snapshot.config_map, now=now
         )
-        for _ in range(MAX_STEPS):
-            action = decide(target, state.observed, now)
-            if isinstance(action, Done):
-                wake_at = action.wake_at
-                break
-            logger.debug("%s/%s: %s", resource.ref.namespace, resource.ref.name, type(action).__name__)
-            await _act(ctx, resource, spec, action, state)
-        else:
-            raise RuntimeError(f"reconcile did not converge in {MAX_STEPS} steps")
-        health = Health(Phase.READY, "IdentityReady", _ready_message(target, state.observed))
-    except (SpecError, ConfigMapConflict, ChainguardError, ClusterError) as exc:
-        health, transient, retry_after = _failure_health(exc)
-        health = _expiry_emergency(health, recorded, spec, now)
-    events = list(state.events) if state is not None else []
-    previous_ready = next((c for c in recorded.conditions if c.get("type") == "Ready"), None)
-    unchanged = previous_ready is not None and (
-        previous_ready.get("reason"),
-        previous_ready.get("message"),
-    ) == (
-        health.reason,
-        health.message,
+        await _run(ctx, target, state)
+        wake_at = _wake_at(target, state.observed, now)
+        if not snapshot.service_account_exists:
+            failure = healths.service_account_missing(spec.namespace, spec.service_account_name)
+    except healths.FAILURES as exc:
+        failure = healths.classify(exc, operator_identity=ctx.settings.identity)
+        if failure.ambiguous and parent is not None:
+            ctx.directory.invalidate(parent)
+    if state is not None and state.observed.identity is not None:
+        ctx.managers[state.observed.identity.uid] = owner
+    health = _health(failure, target, state, previous, spec, now)
+    status = next_status(
+        previous,
+        resource=resource,
+        spec=spec,
+        target=target,
+        state=state,
+        snapshot=snapshot,
+        health=health,
+        now=now,
     )
-    if health.phase is not Phase.READY and not unchanged:
+    events = [*notes, *(state.events if state is not None else [])]
+    before = previous.condition("Ready")
+    changed = before is None or (before.reason, before.message) != (health.reason, health.message)
+    if health.phase is not Phase.READY and changed:
         events.append(Event(health.reason, health.message, warning=True))
-    status = _status(resource, recorded, target, state, spec, health, now)
+    if changed:
+        logger.info(
+            "%s/%s: %s %s: %s",
+            resource.ref.namespace,
+            resource.ref.name,
+            health.phase.value,
+            health.reason,
+            health.message,
+        )
     return Outcome(
         health=health,
         status=status,
+        patch=status_patch(resource.status, status),
         events=tuple(events),
         wake_at=wake_at,
-        retry_after=retry_after,
-        transient=transient,
+        retry_after=failure.retry_after if failure is not None else None,
+        transient=failure.transient if failure is not None else False,
         rotated=state.rotated if state is not None else None,
     )
 
 
-def _expiry_emergency(
-    health: Health, recorded: RecordedStatus, spec: IdentitySpec | None, now: datetime.datetime
+async def _run(ctx: Context, target: Target, state: _Pass) -> None:
+    for _ in range(MAX_STEPS):
+        action = decide(target, state.observed, state.now)
+        if isinstance(action, Done):
+            return
+        logger.debug(
+            "%s/%s: %s", state.resource.ref.namespace, state.resource.ref.name, type(action).__name__
+        )
+        was_forced = state.observed.force_rotation
+        result = await _perform(ctx, state, action)
+        state.observed = fold(state.observed, action, result, state.now, ctx.settings.replacement_grace)
+        if was_forced and not state.observed.force_rotation:
+            state.rotation_done = True
+        state.rotated = _rotation_reason(action, result) or state.rotated
+        event = _event(action, result)
+        if event is not None:
+            state.events.append(event)
+    raise RuntimeError(f"reconcile did not converge in {MAX_STEPS} steps")
+
+
+def _wake_at(target: Target, observed: Observed, now: datetime.datetime) -> datetime.datetime | None:
+    done = decide(target, observed, now)
+    return done.wake_at if isinstance(done, Done) else None
+
+
+def _health(
+    failure: Failure | None,
+    target: Target | None,
+    state: _Pass | None,
+    previous: IdentityStatus,
+    spec: IdentitySpec | None,
+    now: datetime.datetime,
 ) -> Health:
-    """A failing pass past the renewal time is an emergency: say how long the identity has left."""
-    if health.phase is Phase.READY or recorded.expires_at is None or spec is None:
-        return health
-    if now < recorded.expires_at - spec.static.renew_before:
-        return health
-    left = recorded.expires_at - now
-    if left <= datetime.timedelta(0):
-        message = f"the identity EXPIRED at {format_time(recorded.expires_at)} and could not be renewed: "
-    else:
-        hours = int(left.total_seconds() // 3600)
-        message = f"renewal is failing and the identity expires in {hours // 24}d{hours % 24}h: "
-    return Health(health.phase, "RenewalFailing", message + health.message)
+    if failure is None:
+        assert target is not None
+        assert state is not None
+        assert state.observed.identity is not None
+        identity = state.observed.identity
+        expires = identity.static_keys.expiration_time if identity.static_keys is not None else None
+        return healths.ready(identity.uid, target.mode.value, len(target.role_ids), expires)
+    expires = previous.expires_at
+    if state is not None and state.observed.identity is not None and state.observed.identity.static_keys:
+        expires = state.observed.identity.static_keys.expiration_time or expires
+    renew_before = spec.static.renew_before if spec is not None else None
+    return healths.expiry_emergency(failure.health, expires, renew_before, now)
 
 
-def _ready_message(target: Target, observed: Observed) -> str:
-    assert observed.identity is not None
-    text = f"identity {observed.identity.uid} ({target.mode.value}) has {len(target.role_ids)} role(s) bound"
-    static = observed.identity.static_keys
-    if static is not None and static.expiration_time is not None:
-        text += f"; keys valid until {format_time(static.expiration_time)}"
-    return text
+# ---------------------------------------------------------------------------------------------------
+# The status a pass leaves
+
+
+def next_status(
+    previous: IdentityStatus,
+    *,
+    resource: Resource,
+    spec: IdentitySpec | None,
+    target: Target | None,
+    state: _Pass | None,
+    snapshot: _Snapshot | None,
+    health: Health,
+    now: datetime.datetime,
+) -> IdentityStatus:
+    """The status a pass leaves. Fields it learned nothing about keep their recorded value."""
+    status = previous
+    identity = state.observed.identity if state is not None else None
+    if target is not None and state is not None and snapshot is not None and identity is not None:
+        observed = state.observed
+        static = identity.static_keys
+        fingerprint = registered_fingerprint(static) if static is not None else None
+        key_ids = parse_jwks(static.issuer_keys).key_ids if static is not None and fingerprint else ()
+        wanted = {**target.role_ids, **{uid: uid for uid in observed.inherited_roles}}
+        marked = policy.claim_of(identity, _owner_of(target)) is policy.Claim.OURS
+        status = dataclasses.replace(
+            status,
+            identity_id=identity.uid,
+            identity_name=identity.name,
+            mode=target.mode.value,
+            issuer=target.issuer,
+            subject=target.subject,
+            audience=target.audience,
+            parent=target.parent,
+            key_fingerprint=fingerprint,
+            key_ids=key_ids,
+            expires_at=static.expiration_time if static is not None else None,
+            renew_at=renewal_due_at(static.expiration_time, target.static)
+            if static is not None and static.expiration_time is not None
+            else None,
+            last_rotated_at=now if state.rotated else previous.last_rotated_at,
+            role_bindings=tuple(
+                BindingRecord(role=role, role_id=role_id, binding_id=binding.uid)
+                for role, role_id in wanted.items()
+                for binding in observed.bindings
+                if binding.role_uid == role_id and binding.group_uid == target.parent
+            ),
+            inherited_roles=observed.inherited_roles,
+            # Adoption is on record only once the identity carries our marker: until then, the next
+            # pass must take it over again, not forget it.
+            adopted=snapshot.adopted if marked else previous.adopted,
+            config_map_name=target.config_map_name
+            if observed.config_map is not None
+            else previous.config_map_name,
+            retiring=tuple(
+                Retiring(old.uid, observed.retire_after.get(old.uid, now)) for old in observed.retired
+            ),
+        )
+    elif snapshot is not None and identity is None and previous.identity_id in snapshot.ignored:
+        status = dataclasses.replace(status, identity_id=None)  # never keep pointing at another's identity
+    if snapshot is not None and target is not None:
+        acted = (
+            snapshot.rotation is Rotation.WRITTEN
+            or (state is not None and state.rotation_done)
+            or (snapshot.rotation is Rotation.DUE and target.mode is Mode.CLAIM_MATCH)  # nothing to rotate
+        )
+        if acted:
+            status = dataclasses.replace(
+                status, rotation_request=resource.rotation_request, rotation_pending=None
+            )
+    conditions = build_conditions(
+        [c.to_dict() for c in previous.conditions],
+        health,
+        generation=resource.generation,
+        now_text=format_time(now),
+    )
+    return dataclasses.replace(
+        status,
+        observed_generation=resource.generation,
+        conditions=tuple(c for c in (Condition.from_dict(item) for item in conditions) if c),
+    )
+
+
+def _owner_of(target: Target) -> Owner:
+    owner = naming.parse_marker(target.description)
+    assert owner is not None
+    return owner
 
 
 async def apply(ctx: Context, resource: Resource) -> Outcome:
-    """Reconcile, then write the status and post the events: the whole pass as the handler runs it."""
+    """Reconcile, then patch what changed in status and post the events: the whole pass as the handler
+    runs it."""
     outcome = await reconcile(ctx, resource)
-    # A merge patch: fields this pass dropped (retiring, keys after a switch to ClaimMatch) need null.
-    dropped = {key: None for key in resource.status if key not in outcome.status and key != "kopf"}
-    await ctx.cluster.patch_status(resource.ref, {**dropped, **outcome.status})
+    if outcome.patch:
+        await ctx.cluster.patch_status(resource.ref, outcome.patch)
     for event in outcome.events:
         await ctx.cluster.post_event(
             resource.ref, warning=event.warning, reason=event.reason, message=event.message
@@ -588,29 +805,96 @@ async def apply(ctx: Context, resource: Resource) -> Outcome:
 # Deletion
 
 
+class DeletionBlocked(Exception):
+    """The finalizer cannot finish; the message says what a person can do. Retried with backoff."""
+
+    def __init__(self, message: str, *, transient: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.retry_after = retry_after
+
+
 async def finalize(ctx: Context, resource: Resource) -> Sequence[Event]:
-    """Delete the identity and its bindings unless orphaned; raises ChainguardError to be retried."""
-    recorded = RecordedStatus.from_status(resource.status)
-    if resource.spec.get("deletionPolicy") == "Orphan":
-        if recorded.identity_id:
-            return [
-                Event(
-                    "Orphaned", f"left identity {recorded.identity_id} in Chainguard (deletionPolicy: Orphan)"
-                )
-            ]
-        return []
-    if recorded.identity_id is None:
-        return []
-    identity = await ctx.chainguard.get_identity(recorded.identity_id)
-    if identity is None:
-        return [Event("Deleted", f"identity {recorded.identity_id} was already gone")]
-    if not _owns(ctx, resource, identity):
-        return [
-            Event(
-                "LeftAlone",
-                f"identity {identity.uid} is not marked as owned by this object; not deleting it",
-                warning=True,
-            )
+    """Delete what the resource owns (keeping the current identity under ``Orphan``).
+
+    Raises ``DeletionBlocked`` (after nothing or part was deleted) to be retried.
+    """
+    previous = IdentityStatus.from_dict(resource.status)
+    owner = ctx.owner(resource.ref)
+    orphan = resource.spec.get("deletionPolicy") == "Orphan"
+    parents = {
+        uid
+        for uid in (previous.parent, resource.spec.get("parent"))
+        if isinstance(uid, str) and UIDP.fullmatch(uid)
+    }
+    recorded = {uid for uid in (previous.identity_id, *(r.identity_id for r in previous.retiring)) if uid}
+    parents |= {uid.rsplit("/", 1)[0] for uid in recorded}
+    events: list[Event] = []
+    try:
+        listed = [
+            identity for parent in sorted(parents) for identity in await ctx.directory.identities(parent)
         ]
-    await _delete_identity(ctx, identity.uid)
-    return [Event("Deleted", f"deleted identity {identity.uid} and its role bindings")]
+        owned: dict[str, Identity] = {}
+        for identity in [*listed, *await _existing(ctx, recorded)]:
+            claim = policy.claim_of(identity, owner)
+            if claim is policy.Claim.OURS or (claim is policy.Claim.LEGACY and identity.uid in recorded):
+                owned[identity.uid] = identity
+        keep = {previous.identity_id} if orphan and previous.identity_id else set()
+        protected = ctx.own_identities() | ({ctx.settings.identity} if ctx.settings.identity else set())
+        for uid in sorted(owned):
+            if uid in keep:
+                events.append(
+                    Event("Orphaned", f"left identity {uid} in Chainguard (deletionPolicy: Orphan)")
+                )
+                continue
+            if uid in protected:
+                events.append(
+                    Event(
+                        "LeftAlone",
+                        f"identity {uid} is the one the operator authenticates as; not deleting it",
+                        True,
+                    )
+                )
+                continue
+            # Decide on a fresh read: the listing may be minutes old, and ownership must be certain.
+            fresh = await ctx.chainguard.get_identity(uid)
+            if fresh is None:
+                ctx.directory.drop_identity(uid)
+                continue
+            claim = policy.claim_of(fresh, owner)
+            if not (claim is policy.Claim.OURS or (claim is policy.Claim.LEGACY and uid in recorded)):
+                events.append(
+                    Event(
+                        "LeftAlone", f"identity {uid} is not marked as this resource's; not deleting it", True
+                    )
+                )
+                continue
+            bindings = await ctx.chainguard.list_role_bindings(identity=uid)
+            await _delete_identity(ctx, uid, [b.uid for b in bindings])
+            events.append(Event("Deleted", f"deleted identity {uid} and its role bindings"))
+    except healths.FAILURES as exc:
+        failure = healths.classify(exc, operator_identity=ctx.settings.identity)
+        for parent in parents:
+            ctx.directory.invalidate(parent)
+        message = (
+            f"cannot delete the Chainguard identities of this resource: {failure.health.message}; it is "
+            "retried with backoff (set spec.deletionPolicy: Orphan to let it go without them)"
+        )
+        raise DeletionBlocked(message, transient=failure.transient, retry_after=failure.retry_after) from None
+    for uid in owned:
+        ctx.managers.pop(uid, None)
+    return events
+
+
+def deletion_blocked_status(resource: Resource, message: str, now: datetime.datetime) -> Mapping[str, Any]:
+    """The status patch that says why a deletion cannot finish (empty when it says so already)."""
+    previous = IdentityStatus.from_dict(resource.status)
+    health = Health(Phase.STALLED, "DeletionBlocked", message)
+    conditions = build_conditions(
+        [c.to_dict() for c in previous.conditions],
+        health,
+        generation=resource.generation,
+        now_text=format_time(now),
+    )
+    before = [c.to_dict() for c in previous.conditions]
+    return {} if before == conditions else {"conditions": conditions}

@@ -26,7 +26,6 @@ import kubernetes.client
 from chainguard_identity_operator.chainguard.auth import AssumedIdentity, StaticTokenFile, TokenSource
 from chainguard_identity_operator.chainguard.client import ChainguardClient
 from chainguard_identity_operator.chainguard.sts import STSClient
-from chainguard_identity_operator.chainguard.types import parse_time
 from chainguard_identity_operator.cluster import (
     ClusterClient,
     ClusterError,
@@ -37,7 +36,15 @@ from chainguard_identity_operator.cluster import (
 from chainguard_identity_operator.conditions import Phase
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.metrics import Metrics, MetricsServer
-from chainguard_identity_operator.reconcile import Context, Outcome, Resource, apply, finalize
+from chainguard_identity_operator.reconcile import (
+    Context,
+    DeletionBlocked,
+    Outcome,
+    Resource,
+    apply,
+    deletion_blocked_status,
+    finalize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +92,10 @@ class Runtime:
         clock: Callable[[], datetime.datetime] | None = None,
         sts: STSClient | None = None,
         metrics: Metrics | None = None,
+        own_identity: AssumedIdentity | None = None,
     ) -> None:
         self.settings = settings
+        self.own_identity = own_identity
         self.metrics = metrics or Metrics()
         self._metrics_server: MetricsServer | None = None
         self.kube_configuration = kube_configuration
@@ -94,7 +103,13 @@ class Runtime:
         clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         self.facts = ClusterFactsCache(self.cluster, settings, clock=clock)
         self.context = Context(
-            settings=settings, chainguard=chainguard, cluster=self.cluster, facts=self.facts, clock=clock
+            settings=settings,
+            chainguard=chainguard,
+            cluster=self.cluster,
+            facts=self.facts,
+            clock=clock,
+            own_identities=own_identity.identities if own_identity is not None else frozenset,
+            on_published=self._published,
         )
         self._sts = sts
         self._workers: dict[str, _Worker] = {}
@@ -128,11 +143,33 @@ class Runtime:
             clock=clock,
             sts=sts,
             metrics=metrics,
+            own_identity=tokens if isinstance(tokens, AssumedIdentity) else None,
         )
 
+    def _published(self, namespace: str, name: str, identity: str) -> None:
+        """A ConfigMap in the operator's namespace was written: if it is the one naming the operator's
+        own identity, authenticate as what it names from now on."""
+        settings = self.settings
+        if self.own_identity is None or settings.identity_config_map is None:
+            return
+        if (namespace, name) == (settings.operator_namespace, settings.identity_config_map):
+            self.own_identity.follow(identity)
+
     async def start(self) -> None:
-        """Start watching the cluster's keys (idempotent)."""
+        """Learn the cluster's ID and start watching the cluster's keys (idempotent)."""
         self._loop = asyncio.get_running_loop()
+        if self.context.cluster_id is None:
+            # Ownership markers carry it; without it the operator could not tell its identities from
+            # another cluster's, so a failure here stops the start with the reason.
+            self.context.cluster_id = self.settings.cluster_id or await self.cluster.cluster_id()
+            logger.info("cluster ID %s (%s)", self.context.cluster_id, self.settings.cluster_name)
+        if self.own_identity is not None and self.settings.identity_config_map is not None:
+            # After a restart, pick up where the operator's own identity went (its replacement).
+            published = await self.cluster.published_identity(
+                self.settings.operator_namespace, self.settings.identity_config_map
+            )
+            if published is not None:
+                self.own_identity.follow(published)
         if self._poller is None:
             self._poller = asyncio.create_task(self._poll_cluster_facts(), name="cluster facts poller")
         if self._metrics_server is None and self.settings.metrics_port:
@@ -142,12 +179,17 @@ class Runtime:
     async def _poll_cluster_facts(self) -> None:
         """Re-read issuer and JWKS every poll interval, so a key rotation is noticed without waiting for
         a resync; the cache wakes every worker when the fingerprint changes."""
+        interval = self.settings.jwks_poll_interval.total_seconds()
         while True:
+            failed = False
             try:
-                await self.facts.refresh()
+                failed = (await self.facts.refresh()).keys_error is not None
             except ClusterError as exc:
+                failed = True
                 logger.warning("reading the cluster's issuer and keys failed: %s", exc)
-            await asyncio.sleep(self.settings.jwks_poll_interval.total_seconds())
+            # After a failure, look again soon: a rotation during an outage must not wait a whole interval.
+            retry = min(interval, self.settings.base_backoff.total_seconds() * 4)
+            await asyncio.sleep(retry if failed else interval)
 
     async def aclose(self) -> None:
         if self._poller is not None:
@@ -233,9 +275,10 @@ class Runtime:
             resource.ref.namespace,
             resource.ref.name,
             ready=outcome.health.phase is Phase.READY,
-            expires_at=parse_time(outcome.status.get("expiresAt")),
-            renew_at=parse_time(outcome.status.get("renewAt")),
+            expires_at=outcome.status.expires_at,
+            renew_at=outcome.status.renew_at,
             rotated=outcome.rotated,
+            phase=outcome.health.phase.value,
         )
         return outcome, self.next_delay(outcome, worker.failures)
 
@@ -273,10 +316,34 @@ class Runtime:
                 with contextlib.suppress(asyncio.CancelledError):
                     await waiter
 
+    def deletion_delay(self, retry: int, exc: DeletionBlocked) -> float:
+        """Seconds until the finalizer tries again: the settings' jittered backoff, or Retry-After."""
+        settings = self.settings
+        delay = min(settings.base_backoff.total_seconds() * 2.0**retry, settings.max_backoff.total_seconds())
+        delay *= random.uniform(0.8, 1.2)  # deletions of many objects must not retry in step
+        if not exc.transient:
+            delay = settings.max_backoff.total_seconds()
+        if exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        return delay
+
     async def finalize(self, body: Mapping[str, Any]) -> None:
+        """Run the finalizer; raise ``DeletionBlocked`` (after saying why in status and an event)."""
         resource = resource_from_body(body)
-        async with self._worker(resource.ref.uid).lock:
-            events = await finalize(self.context, resource)
+        try:
+            async with self._worker(resource.ref.uid).lock:
+                events = await finalize(self.context, resource)
+        except DeletionBlocked as exc:
+            patch = deletion_blocked_status(resource, str(exc), self.context.clock())
+            if patch:
+                try:
+                    await self.cluster.patch_status(resource.ref, patch)
+                except ClusterError as error:
+                    logger.warning("could not record why %s cannot be deleted: %s", resource.ref.name, error)
+                await self.cluster.post_event(
+                    resource.ref, warning=True, reason="DeletionBlocked", message=str(exc)
+                )
+            raise
         for event in events:
             await self.cluster.post_event(
                 resource.ref, warning=event.warning, reason=event.reason, message=event.message

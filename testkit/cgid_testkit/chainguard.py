@@ -10,16 +10,34 @@ authorization follows the caller's role bindings on the target group or any ance
 a presented token against a static identity's registered ``issuerKeys``, or for a ``claimMatch``
 identity against the keys it fetches from the issuer's discovery document, reached through
 ``issuer_routes`` (the tests' DNS). Everything time-based reads the injected ``clock`` so tests can
-fast-forward. What the contract marks *unknown* is a constructor switch, and failures are injected
-through ``faults``. A token from :meth:`ChainguardEmulator.mint_api_token` whose subject is not an
-identity belongs to a *root admin* allowed everything: that is how a test bootstraps without seeding
-bindings.
+fast-forward. A token from :meth:`ChainguardEmulator.mint_api_token` whose subject is not an identity
+belongs to a *root admin* allowed everything: that is how a test bootstraps without seeding bindings.
+
+What the contract marks *unknown* is a constructor switch, and its default is the strict reading: a
+static identity's ``expirationTime`` may be at most 365 days after its creation (the v2 protos'
+"Defaults to / Maximum of 365 days after creation"), an update past that answers 400
+FailedPrecondition, and ``expiry_overrun="clamp"`` models a server that silently stores the limit
+instead. Failures are injected through ``faults`` (a :class:`FaultInjector`). Besides failures
+*before* the handler (an error status, 429 with ``Retry-After``, a slow answer, a 403 while
+permissions propagate), a fault may strike *after* the handler committed — the answer replaced by a
+500/502/504, the connection dropped, or the answer held past the client's timeout — because that is
+the case a client must never answer by re-sending a write. A seeded ``faults.policy`` decides per
+request for randomized tests, ``faults.injected`` records what was injected, and
+:meth:`ChainguardEmulator.writes` counts the mutations that were committed, so a test can prove that
+nothing was applied twice.
+
+Role bindings are answered with the flat ``identityUid``/``roleUid`` the protos define beside the
+hydrated ``identity`` (uid, name, description, subject, issuer, email — never keys), ``group`` and
+``role``. They are kept in a :class:`RoleBindingStore`, which indexes them by identity so that an
+authorization check reads only the caller's bindings instead of every binding (at a thousand
+identities that scan made every request quadratic); the index follows direct edits of the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -29,9 +47,9 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from types import TracebackType
-from typing import Any, TypeGuard
+from typing import Any, Literal, TypeGuard, get_args
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -48,7 +66,6 @@ logger = logging.getLogger(__name__)
 API_AUDIENCE = "https://console-api.enforce.dev"
 STS_ISSUER = "https://issuer.enforce.dev"
 EXCHANGED_TOKEN_LIFETIME = datetime.timedelta(hours=1)
-DEFAULT_STATIC_LIFETIME = datetime.timedelta(days=30)  # what the server applies when none is sent
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 NBF_LEEWAY = datetime.timedelta(minutes=5)  # go-oidc's allowance for a "not before" in the future
@@ -61,6 +78,7 @@ PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 # gRPC codes the emulator answers with, and the grpc-gateway's mapping to HTTP statuses.
 UNKNOWN = 2
 INVALID_ARGUMENT = 3
+DEADLINE_EXCEEDED = 4
 NOT_FOUND = 5
 ALREADY_EXISTS = 6
 PERMISSION_DENIED = 7
@@ -160,6 +178,10 @@ _SIGNATURE_ONLY: jwt.types.Options = {
     "verify_jti": False,
 }
 _SUBJECT = web.RequestKey("subject", str)
+_DROPPED = web.RequestKey("dropped", bool)
+
+Lose = Literal["status", "drop", "hold"]
+ExpiryOverrun = Literal["refuse", "clamp"]
 
 
 class ApiError(Exception):
@@ -214,85 +236,260 @@ class ExchangeRecord:
     message: str  # "" on success, else the refusal
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Fault:
-    """An injected failure: the next ``remaining`` requests matching ``method`` and ``path`` get it."""
+    """A failure to inject into the next ``remaining`` requests matching ``method`` and ``path``.
 
-    method: str
-    path: re.Pattern[str]
-    status: int
-    remaining: int
+    Before the handler (``after_commit=False``): the request is held ``delay`` seconds if given, then
+    answered ``status`` with a gateway error body (``grpc_code`` defaults from the status, a
+    ``Retry-After`` header when ``retry_after`` is given), or, for a ``status`` below 400, served
+    normally (it was only slow); ``lose="drop"`` closes the connection instead of answering. After
+    the handler (``after_commit=True``) the real handler runs and commits, then its answer is lost:
+    ``lose="status"`` answers the error ``status`` instead (500, 502, 504: what a gateway or load
+    balancer says when it gave up), ``"drop"`` closes the connection without an answer, ``"hold"``
+    holds the answer ``delay`` seconds (more than the client's timeout). Build one for
+    ``faults.policy`` as ``Fault(status=503)`` or ``Fault(after_commit=True, lose="drop")``.
+    """
+
+    status: int = 0
+    method: str = "*"
+    path: re.Pattern[str] = dataclasses.field(default_factory=lambda: re.compile(""))
+    remaining: int = 1
     retry_after: float | None = None
     delay: float | None = None
     grpc_code: int | None = None
+    after_commit: bool = False
+    lose: Lose = "status"
     hits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lose not in get_args(Lose):
+            raise ValueError(f"lose must be one of {', '.join(get_args(Lose))}, not {self.lose!r}")
+        if self.remaining < 1:
+            raise ValueError("times must be at least 1")
+        if self.lose == "hold" and not self.after_commit:
+            raise ValueError('lose="hold" holds a committed answer: use delay for a slow request')
+        if self.lose == "hold" and not self.delay:
+            raise ValueError('lose="hold" needs a delay (seconds, more than the client timeout)')
+        if self.lose == "status" and self.after_commit and not 400 <= self.status <= 599:
+            raise ValueError("status: a lost answer is replaced by an error status (500, 502, 504)")
+        if self.lose == "status" and not self.after_commit and self.status <= 0:
+            raise ValueError("status is required for a fault before the handler")
+
+    @property
+    def kind(self) -> str:
+        """What the client gets: ``status`` (an error answer), ``slow``, ``drop`` or ``hold``."""
+        if self.lose != "status":
+            return self.lose
+        return "status" if self.status >= 400 else "slow"
 
     def matches(self, method: str, path: str) -> bool:
         return self.method in ("*", method.upper()) and self.path.search(path) is not None
 
 
-class FaultInjector:
-    """Failures to inject, in the order added.
+@dataclasses.dataclass(frozen=True)
+class InjectedFault:
+    """One fault that struck a request: ``kind`` is ``status``, ``slow``, ``drop``, ``hold`` or
+    ``propagation`` (a 403 of ``forbid_fresh``); ``status`` what was answered (0 for none)."""
 
-    ``add`` answers the next ``times`` requests whose method matches (``"*"`` for any) and whose path
-    (without the query) matches ``path_regex`` (``re.search``) with ``status`` and a gateway error body
-    (``grpc_code`` defaults from the status), and a ``Retry-After`` header when ``retry_after`` is
-    given. ``delay`` first holds the request that many seconds (to make a client time out); with a
-    ``status`` below 400 the request is then served normally, i.e. it is only slow.
+    kind: str
+    method: str
+    path: str
+    status: int
+    after_commit: bool
+
+
+FaultPolicy = Callable[[str, str], Fault | None]
+
+
+class FaultInjector:
+    """Failures to inject: pending ones in the order added, then a policy, then propagation delays.
+
+    ``add`` queues a :class:`Fault` for the next ``times`` requests whose method matches (``"*"`` for
+    any) and whose path (without the query) matches ``path_regex`` (``re.search``); see
+    :class:`Fault` for the other options. ``policy``, when set, is asked ``policy(method, path)`` for
+    every request no pending fault matches and may return a :class:`Fault` for that request alone —
+    a randomized test passes a function drawing from its own ``random.Random(seed)``.
     ``forbid_fresh`` models permissions propagating after a create: creating a role binding for an
     identity created through the API answers 403 for its first ``requests`` attempts and while the
-    identity is younger than ``seconds`` by the emulator's clock.
+    identity is younger than ``seconds`` by the emulator's clock; and creating an identity answers
+    403 for the first ``identity_creates`` attempts under each parent group (a group just made),
+    before anything is stored. ``injected`` lists every fault that struck, for a test to report or
+    check; ``clear`` stops all injection but keeps that history.
     """
 
     def __init__(self) -> None:
         self.pending: list[Fault] = []
+        self.policy: FaultPolicy | None = None
+        self.injected: list[InjectedFault] = []
         self.fresh_requests = 0
         self.fresh_seconds = 0.0
+        self.fresh_identity_creates = 0
+        self.create_attempts: collections.Counter[str] = collections.Counter()  # by parent group
 
     def add(
         self,
         method: str,
         path_regex: str,
         *,
-        status: int,
+        status: int | None = None,
         times: int = 1,
         retry_after: float | None = None,
         delay: float | None = None,
         grpc_code: int | None = None,
+        after_commit: bool = False,
+        lose: Lose = "status",
     ) -> Fault:
         if times < 1:
             raise ValueError("times must be at least 1")
         fault = Fault(
             method=method.upper(),
             path=re.compile(path_regex),
-            status=status,
+            status=status or 0,
             remaining=times,
             retry_after=retry_after,
             delay=delay,
             grpc_code=grpc_code,
+            after_commit=after_commit,
+            lose=lose,
         )
         self.pending.append(fault)
         return fault
 
-    def forbid_fresh(self, *, requests: int = 0, seconds: float = 0.0) -> None:
+    def forbid_fresh(self, *, requests: int = 0, seconds: float = 0.0, identity_creates: int = 0) -> None:
         self.fresh_requests = requests
         self.fresh_seconds = seconds
+        self.fresh_identity_creates = identity_creates
+        self.create_attempts.clear()
 
     def clear(self) -> None:
         self.pending.clear()
+        self.policy = None
         self.fresh_requests = 0
         self.fresh_seconds = 0.0
+        self.fresh_identity_creates = 0
+        self.create_attempts.clear()
 
     def take(self, method: str, path: str) -> Fault | None:
-        """The first pending fault for this request, counted as used."""
+        """The fault for this request (a pending one, counted as used, else the policy's), recorded."""
+        chosen: Fault | None = None
         for fault in self.pending:
             if fault.matches(method, path):
                 fault.remaining -= 1
-                fault.hits += 1
                 if fault.remaining <= 0:
                     self.pending.remove(fault)
-                return fault
-        return None
+                chosen = fault
+                break
+        else:
+            if self.policy is not None:
+                chosen = self.policy(method.upper(), path)
+        if chosen is not None:
+            chosen.hits += 1
+            answered = chosen.status if chosen.kind == "status" else 0
+            self.record(chosen.kind, method, path, answered, after_commit=chosen.after_commit)
+        return chosen
+
+    def record(self, kind: str, method: str, path: str, status: int, *, after_commit: bool = False) -> None:
+        self.injected.append(InjectedFault(kind, method.upper(), path, status, after_commit))
+
+
+def _binding_ref(binding: Mapping[str, Any], flat: str, nested: str) -> str:
+    """A role binding's identity or role UID: the flat field first, then the nested object's."""
+    value = binding.get(flat)
+    if isinstance(value, str) and value:
+        return value
+    inner = binding.get(nested)
+    uid = inner.get("uid") if isinstance(inner, Mapping) else None
+    return uid if isinstance(uid, str) else ""
+
+
+def _binding_identity(binding: Mapping[str, Any]) -> str:
+    return _binding_ref(binding, "identityUid", "identity")
+
+
+def _binding_role(binding: Mapping[str, Any]) -> str:
+    return _binding_ref(binding, "roleUid", "role")
+
+
+def _binding_group(binding: Mapping[str, Any]) -> str:
+    """The group of a binding: the nested ``group.uid``, else the parent of its UIDP (no flat field)."""
+    inner = binding.get("group")
+    uid = inner.get("uid") if isinstance(inner, Mapping) else None
+    if isinstance(uid, str) and uid:
+        return uid
+    return _parent_of(str(binding.get("uid", "")))
+
+
+class RoleBindingStore(MutableMapping[str, dict[str, Any]]):
+    """The emulator's role bindings by UIDP (wire form), with an index by identity.
+
+    A mapping like a dict; every way of adding, replacing or removing a binding keeps the index
+    right, so tests may edit the store directly. :meth:`uids_of` answers from the index, in the
+    store's order, and skips (and re-files) a binding whose identity was edited in place since.
+    Editing a binding in place to point *to* an identity is not seen: replace the binding instead.
+    """
+
+    def __init__(self, bindings: Mapping[str, dict[str, Any]] | None = None) -> None:
+        self._data: dict[str, dict[str, Any]] = {}
+        self._order: dict[str, int] = {}  # key -> when it was first stored, for the store's order
+        self._next = 0
+        self._by_identity: dict[str, set[str]] = {}
+        if bindings:
+            self.update(bindings)
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        return self._data[key]
+
+    def __setitem__(self, key: str, binding: dict[str, Any]) -> None:
+        if key in self._data:
+            self._unindex(key)
+        else:
+            self._order[key] = self._next
+            self._next += 1
+        self._data[key] = binding
+        self._by_identity.setdefault(_binding_identity(binding), set()).add(key)
+
+    def __delitem__(self, key: str) -> None:
+        self._unindex(key)
+        del self._data[key]
+        del self._order[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __repr__(self) -> str:
+        return f"RoleBindingStore({self._data!r})"
+
+    def clear(self) -> None:
+        self._data.clear()
+        self._order.clear()
+        self._by_identity.clear()
+
+    def uids_of(self, identity_uid: str) -> list[str]:
+        """The keys of the bindings of ``identity_uid``, without looking at anybody else's."""
+        keys = self._by_identity.get(identity_uid, set())
+        moved = [key for key in keys if _binding_identity(self._data[key]) != identity_uid]
+        for key in moved:  # edited in place since it was stored: file it where it belongs now
+            self._unindex(key, identity_uid)
+            self._by_identity.setdefault(_binding_identity(self._data[key]), set()).add(key)
+        return sorted(keys, key=self._order.__getitem__)
+
+    def _unindex(self, key: str, identity_uid: str | None = None) -> None:
+        if identity_uid is None:
+            identity_uid = _binding_identity(self._data[key])
+        keys = self._by_identity.get(identity_uid)
+        if keys is None or key not in keys:
+            # Edited in place: find it wherever it was filed.
+            keys = next((found for found in self._by_identity.values() if key in found), None)
+            if keys is None:
+                return
+        keys.discard(key)
 
 
 @dataclasses.dataclass
@@ -314,12 +511,17 @@ def _utcnow() -> datetime.datetime:
 class ChainguardEmulator:
     """The Chainguard API, STS and registry listing on one loopback port; see the module docstring.
 
-    Switches for what the contract leaves unknown: ``max_static_lifetime`` (30 or 365 days) bounds a
-    static identity's ``expirationTime``, counted from *now*, or, for updates with
-    ``max_lifetime_from_creation=True``, from the identity's ``createTime`` (an update past it answers
-    400 FailedPrecondition). ``cascade_deletes`` makes deleting an identity delete its role bindings;
-    off by default, so tests prove the operator removes its bindings itself. ``signing_key`` (RSA) signs
-    the tokens the emulator mints; a fresh one is made when not given (pass one to save the ~0.1 s).
+    Switches for what the contract leaves unknown, strict by default: ``max_static_lifetime``
+    (default 365 days) bounds a static identity's ``expirationTime``, counted from its ``createTime``
+    (``max_lifetime_from_creation=True``: an update past it answers 400 FailedPrecondition) or, with
+    ``max_lifetime_from_creation=False``, from *now* (the lenient reading: an update may always
+    extend). ``expiry_overrun="clamp"`` makes the server store the limit instead of refusing an
+    expiration past it, answering 200 with the clamped value, as a server that silently shortens
+    would; ``"refuse"`` (the default) answers the error. An expiration left out defaults to the
+    maximum, as the v2 protos say. ``cascade_deletes`` makes deleting an identity delete its role
+    bindings; off by default, so tests prove the operator removes its bindings itself.
+    ``signing_key`` (RSA) signs the tokens the emulator mints; a fresh one is made when not given
+    (pass one to save the ~0.1 s).
     """
 
     def __init__(
@@ -327,18 +529,22 @@ class ChainguardEmulator:
         *,
         clock: Callable[[], datetime.datetime] | None = None,
         max_static_lifetime: datetime.timedelta = datetime.timedelta(days=365),
-        max_lifetime_from_creation: bool = False,
+        max_lifetime_from_creation: bool = True,
+        expiry_overrun: ExpiryOverrun = "refuse",
         issuer_routes: Mapping[str, str] | None = None,
         cascade_deletes: bool = False,
         signing_key: rsa.RSAPrivateKey | None = None,
     ) -> None:
+        if expiry_overrun not in get_args(ExpiryOverrun):
+            raise ValueError(f"expiry_overrun must be 'refuse' or 'clamp', not {expiry_overrun!r}")
         self._clock = clock or _utcnow
         self.max_static_lifetime = max_static_lifetime
         self.max_lifetime_from_creation = max_lifetime_from_creation
+        self.expiry_overrun: ExpiryOverrun = expiry_overrun
         self.cascade_deletes = cascade_deletes
         self.issuer_routes: dict[str, str] = dict(issuer_routes or {})
         self.identities: dict[str, dict[str, Any]] = {}
-        self.role_bindings: dict[str, dict[str, Any]] = {}
+        self._role_bindings = RoleBindingStore()
         self.groups: dict[str, dict[str, Any]] = {}
         self.roles: dict[str, dict[str, Any]] = {}
         self.repos: dict[str, list[dict[str, Any]]] = {}  # group UIDP -> [{"id", "name"}]
@@ -347,6 +553,7 @@ class ChainguardEmulator:
         self.faults = FaultInjector()
         self._root_subjects: set[str] = set()
         self._fresh: dict[str, _Fresh] = {}  # identities created through the API, for forbid_fresh
+        self._writes: collections.Counter[str] = collections.Counter()
         self._key = signing_key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._kid = secrets.token_hex(8)
         self._runner: web.AppRunner | None = None
@@ -423,6 +630,23 @@ class ChainguardEmulator:
         return self.url
 
     # -- seeding and inspection ---------------------------------------------------------------------
+
+    @property
+    def role_bindings(self) -> RoleBindingStore:
+        """The role bindings by UIDP, in wire form; edit freely (assigning a plain dict works too)."""
+        return self._role_bindings
+
+    @role_bindings.setter
+    def role_bindings(self, bindings: Mapping[str, dict[str, Any]]) -> None:
+        self._role_bindings = (
+            bindings if isinstance(bindings, RoleBindingStore) else RoleBindingStore(bindings)
+        )
+
+    def writes(self) -> dict[str, int]:
+        """The mutations committed through the API, by kind (``identity.create``, ``identity.update``,
+        ``identity.delete``, ``role_binding.create``, ``role_binding.delete``); seeding is not counted.
+        A write whose answer a fault lost is counted: it was committed."""
+        return dict(self._writes)
 
     def add_group(
         self, name: str, *, verified: bool = True, parent: str | None = None, description: str = ""
@@ -530,37 +754,52 @@ class ChainguardEmulator:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Inject faults, turn errors into gateway error bodies, record every request."""
-        response: web.StreamResponse
-        try:
-            fault = self.faults.take(request.method, request.path)
-            response = await (self._inject(fault, request, handler) if fault else handler(request))
-        except ApiError as error:
-            response = error.response()
-        except web.HTTPException as error:
-            code = CODE_FOR_HTTP_STATUS.get(error.status, UNKNOWN)
-            response = ApiError(code, error.reason, status=error.status).response()
-        except Exception:
-            logger.exception("Chainguard emulator failed on %s %s", request.method, request.path)
-            response = ApiError(INTERNAL, "internal error in the emulator").response()
+        fault = self.faults.take(request.method, request.path)
+        if fault is None:
+            response = await self._answer(request, handler)
+        elif fault.after_commit:
+            response = await self._lose(fault, request, await self._answer(request, handler))
+        else:
+            response = await self._inject(fault, request, handler)
         self.requests.append(
             RecordedRequest(
                 method=request.method,
                 path=request.path,
                 query={key: tuple(request.query.getall(key)) for key in request.query},
-                status=response.status,
+                status=0 if request.get(_DROPPED, False) else response.status,
                 subject=request.get(_SUBJECT, ""),
             )
         )
         logger.debug("Chainguard emulator: %s %s -> %d", request.method, request.path, response.status)
         return response
 
-    async def _inject(self, fault: Fault, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if fault.delay:
-            # Wait on the stop event rather than plain sleeping, so stop() never waits for a delay.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), fault.delay)
-        if fault.status < 400:
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The handler's answer, its errors as gateway error bodies."""
+        try:
             return await handler(request)
+        except ApiError as error:
+            return error.response()
+        except web.HTTPException as error:
+            code = CODE_FOR_HTTP_STATUS.get(error.status, UNKNOWN)
+            return ApiError(code, error.reason, status=error.status).response()
+        except Exception:
+            logger.exception("Chainguard emulator failed on %s %s", request.method, request.path)
+            return ApiError(INTERNAL, "internal error in the emulator").response()
+
+    async def _hold(self, seconds: float | None) -> None:
+        # Wait on the stop event rather than plain sleeping, so stop() never waits for a fault.
+        if seconds:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    @staticmethod
+    def _drop(request: web.Request) -> None:
+        """Close the connection: the client gets no answer at all."""
+        request[_DROPPED] = True
+        if request.transport is not None:
+            request.transport.close()
+
+    def _fault_response(self, fault: Fault, *, message: str) -> web.Response:
         headers = {}
         if fault.retry_after is not None:
             headers["Retry-After"] = _seconds(fault.retry_after)
@@ -569,7 +808,29 @@ class ChainguardEmulator:
             if fault.grpc_code is not None
             else CODE_FOR_HTTP_STATUS.get(fault.status, UNKNOWN)
         )
-        raise ApiError(code, f"injected fault (HTTP {fault.status})", status=fault.status, headers=headers)
+        return ApiError(code, message, status=fault.status, headers=headers).response()
+
+    async def _inject(self, fault: Fault, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A fault before the handler: nothing is done, whatever the client is told."""
+        await self._hold(fault.delay)
+        if fault.lose == "drop":
+            self._drop(request)
+            return web.Response(status=204)  # never sent
+        if fault.status < 400:
+            return await self._answer(request, handler)
+        return self._fault_response(fault, message=f"injected fault (HTTP {fault.status})")
+
+    async def _lose(
+        self, fault: Fault, request: web.Request, committed: web.StreamResponse
+    ) -> web.StreamResponse:
+        """A fault after the handler: what it did stays done, its answer never reaches the client."""
+        if fault.lose == "drop":
+            self._drop(request)
+            return committed
+        if fault.lose == "hold":
+            await self._hold(fault.delay)
+            return committed
+        return self._fault_response(fault, message=f"upstream answer lost (HTTP {fault.status})")
 
     def _caller(self, request: web.Request) -> _Caller:
         """Authenticate an API call: a token this emulator minted, for the API audience, not expired."""
@@ -597,10 +858,11 @@ class ChainguardEmulator:
         """Whether a role bound to the caller on ``group`` or an ancestor grants ``capability``."""
         if caller.root:
             return True
-        for binding in self.role_bindings.values():
-            if binding["identity"]["uid"] != caller.subject or not _within(group, binding["group"]["uid"]):
+        for key in self.role_bindings.uids_of(caller.subject):  # the caller's only: see RoleBindingStore
+            binding = self.role_bindings[key]
+            if not _within(group, _binding_group(binding)):
                 continue
-            role = self.roles.get(binding["role"]["uid"])
+            role = self.roles.get(_binding_role(binding))
             if role is not None and capability in role["capabilities"]:
                 return True
         return False
@@ -631,8 +893,13 @@ class ChainguardEmulator:
 
     # -- identities -----------------------------------------------------------------------------------
 
-    def _validate_identity(self, identity: Mapping[str, Any]) -> dict[str, Any]:
-        """Check a canonical identity against the contract; its stored form, zero values filled in."""
+    def _validate_identity(
+        self, identity: Mapping[str, Any], *, created: datetime.datetime | None = None
+    ) -> dict[str, Any]:
+        """Check a canonical identity against the contract; its stored form, zero values filled in.
+
+        ``created`` is the identity's ``createTime`` for an update (``None``: being created now).
+        """
         name = identity.get("name", "")
         if not isinstance(name, str) or not NAME_RE.fullmatch(name) or not 3 <= len(name) <= 63:
             raise _invalid("name: must match ^[a-z0-9 ._-]{1,}$ and be 3 to 63 characters long")
@@ -653,12 +920,14 @@ class ChainguardEmulator:
         if kind == "claimMatch":
             stored[kind] = _validate_claim_match(identity[kind])
         elif kind == "staticKeys":
-            stored[kind] = self._validate_static_keys(identity[kind])
+            stored[kind] = self._validate_static_keys(identity[kind], created=created)
         else:
             stored[kind] = copy.deepcopy(identity[kind])  # not used by the operator: kept as sent
         return stored
 
-    def _validate_static_keys(self, static: Mapping[str, Any]) -> dict[str, Any]:
+    def _validate_static_keys(
+        self, static: Mapping[str, Any], *, created: datetime.datetime | None
+    ) -> dict[str, Any]:
         stored: dict[str, Any] = {}
         for key in ("issuer", "subject", "issuerKeys"):
             value = static.get(key)
@@ -668,7 +937,8 @@ class ChainguardEmulator:
         _check_public_jwks(stored["issuerKeys"])
         expiration = static.get("expirationTime")
         if expiration is None:
-            expires = self._clock() + min(DEFAULT_STATIC_LIFETIME, self.max_static_lifetime)
+            # v2: "Defaults to / Maximum of 365 days after creation".
+            expires = (created or self._clock()) + self.max_static_lifetime
         else:
             try:
                 parsed = parse_time(expiration) if isinstance(expiration, str) else None
@@ -686,24 +956,30 @@ class ChainguardEmulator:
         stored["audiences"] = list(audiences)
         return stored
 
-    def _check_expiration(self, static: Mapping[str, Any], *, created: datetime.datetime | None) -> None:
-        """The lifetime rules for an ``expirationTime`` being set (on create, or on update)."""
+    def _bound_expiration(
+        self, static: Mapping[str, Any], *, created: datetime.datetime | None
+    ) -> dict[str, Any]:
+        """The lifetime rules for an ``expirationTime`` being set, on create (``created=None``) or
+        update; the static keys to store — clamped to the limit under ``expiry_overrun="clamp"``."""
         expires = parse_time(static["expirationTime"])
         assert expires is not None  # validated before
         now = self._clock()
         maximum = _describe(self.max_static_lifetime)
         if expires <= now:
             raise _invalid("static_keys.expiration_time: must be in the future")
-        if created is not None and self.max_lifetime_from_creation:
-            limit = created + self.max_static_lifetime
-            if expires > limit:
-                raise ApiError(
-                    FAILED_PRECONDITION,
-                    f"static_keys.expiration_time: may not be later than create_time + {maximum} "
-                    f"({format_time(limit)}); create a new identity instead",
-                )
-        elif expires > now + self.max_static_lifetime:
-            raise _invalid(f"static_keys.expiration_time: must be at most {maximum} from now")
+        from_creation = created is not None and self.max_lifetime_from_creation
+        limit = ((created or now) if from_creation else now) + self.max_static_lifetime
+        if expires <= limit:
+            return dict(static)
+        if self.expiry_overrun == "clamp":
+            return {**static, "expirationTime": format_time(limit)}
+        if from_creation:
+            raise ApiError(
+                FAILED_PRECONDITION,
+                f"static_keys.expiration_time: may not be later than create_time + {maximum} "
+                f"({format_time(limit)}); create a new identity instead",
+            )
+        raise _invalid(f"static_keys.expiration_time: must be at most {maximum} from now")
 
     def _store_identity(self, parent: str, stored: Mapping[str, Any]) -> str:
         uid = self._new_uid(parent)
@@ -721,14 +997,25 @@ class ChainguardEmulator:
         caller = self._caller(request)
         parent = _path_uidp(request)
         self._require(caller, "identity.create", parent)
+        if self._parent_still_propagating(parent):
+            self.faults.record("propagation", request.method, request.path, 403)
+            raise ApiError(PERMISSION_DENIED, f"permission denied: identity.create on {parent}")
         if parent not in self.groups:
             raise ApiError(NOT_FOUND, f"parent group {parent} not found")
         stored = self._validate_identity(_canonical_identity(await _json_object(request)))
         if "staticKeys" in stored:
-            self._check_expiration(stored["staticKeys"], created=None)
+            stored["staticKeys"] = self._bound_expiration(stored["staticKeys"], created=None)
         uid = self._store_identity(parent, stored)
         self._fresh[uid] = _Fresh(created=self._clock())
+        self._writes["identity.create"] += 1
         return _json(self.identities[uid])
+
+    def _parent_still_propagating(self, parent: str) -> bool:
+        """``faults.forbid_fresh(identity_creates=N)``: the first N creates under each parent fail."""
+        if self.faults.fresh_identity_creates <= 0:
+            return False
+        self.faults.create_attempts[parent] += 1
+        return self.faults.create_attempts[parent] <= self.faults.fresh_identity_creates
 
     async def _get_identity(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
@@ -770,10 +1057,11 @@ class ChainguardEmulator:
         patch = _canonical_identity(await _json_object(request))
         paths = _update_paths(request.query, patch)
         editable = {key: value for key, value in current.items() if key in IDENTITY_FIELDS}
-        stored = self._validate_identity(_apply_mask(editable, patch, paths))
+        created = parse_time(current.get("createTime"))
+        stored = self._validate_identity(_apply_mask(editable, patch, paths), created=created)
         sets_expiration = any(path in ("*", "staticKeys", "staticKeys.expirationTime") for path in paths)
         if "staticKeys" in stored and sets_expiration:
-            self._check_expiration(stored["staticKeys"], created=parse_time(current.get("createTime")))
+            stored["staticKeys"] = self._bound_expiration(stored["staticKeys"], created=created)
         updated = {
             "uid": uid,
             **stored,
@@ -782,9 +1070,9 @@ class ChainguardEmulator:
             "lastSeenTime": current.get("lastSeenTime"),
         }
         self.identities[uid] = updated
-        for binding in self.role_bindings.values():
-            if binding["identity"]["uid"] == uid:
-                binding["identity"] = copy.deepcopy(updated)
+        self._writes["identity.update"] += 1
+        for key in self.role_bindings.uids_of(uid):
+            self.role_bindings[key]["identity"] = _identity_view(updated)
         return _json(updated)
 
     async def _delete_identity(self, request: web.Request) -> web.Response:
@@ -794,10 +1082,10 @@ class ChainguardEmulator:
         if self.identities.pop(uid, None) is None:
             raise ApiError(NOT_FOUND, f"identity {uid} not found")
         self._fresh.pop(uid, None)
+        self._writes["identity.delete"] += 1
         if self.cascade_deletes:
-            for binding_uid, binding in list(self.role_bindings.items()):
-                if binding["identity"]["uid"] == uid:
-                    del self.role_bindings[binding_uid]
+            for key in self.role_bindings.uids_of(uid):
+                del self.role_bindings[key]
         return _json({})
 
     # -- roles, groups, role bindings --------------------------------------------------------------
@@ -826,13 +1114,17 @@ class ChainguardEmulator:
         return _json({"groups": page, "nextPageToken": next_token})
 
     def _store_binding(self, group_uid: str, identity_uid: str, role_uid: str) -> str:
+        """Store a binding in its wire form: the flat UIDs a create sets, and the hydrated views."""
         uid = self._new_uid(group_uid)
+        group, role = self.groups[group_uid], self.roles[role_uid]
         self.role_bindings[uid] = {
             "uid": uid,
-            "identity": copy.deepcopy(self.identities[identity_uid]),
-            "group": copy.deepcopy(self.groups[group_uid]),
-            "role": copy.deepcopy(self.roles[role_uid]),
+            "identity": _identity_view(self.identities[identity_uid]),
+            "group": {key: group.get(key, "") for key in ("uid", "name", "description")},
+            "role": {key: role.get(key, "") for key in ("uid", "name", "description")},
             "createTime": format_time(self._clock()),
+            "identityUid": identity_uid,
+            "roleUid": role_uid,
         }
         return uid
 
@@ -867,12 +1159,14 @@ class ChainguardEmulator:
         if "/" in role_uid and not _within(parent, _parent_of(role_uid)):
             raise _invalid(f"role_uid: custom role {role_uid} is not defined in {parent} or its ancestors")
         if self._still_propagating(identity_uid):
+            self.faults.record("propagation", request.method, request.path, 403)
             raise ApiError(PERMISSION_DENIED, f"permission denied: role_bindings.create on {parent}")
-        for binding in self.role_bindings.values():
-            same = (binding["identity"]["uid"], binding["group"]["uid"], binding["role"]["uid"])
-            if same == (identity_uid, parent, role_uid):
-                raise ApiError(ALREADY_EXISTS, f"role binding {binding['uid']} already exists")
+        for key in self.role_bindings.uids_of(identity_uid):
+            binding = self.role_bindings[key]
+            if (_binding_group(binding), _binding_role(binding)) == (parent, role_uid):
+                raise ApiError(ALREADY_EXISTS, f"role binding {key} already exists")
         uid = self._store_binding(parent, identity_uid, role_uid)
+        self._writes["role_binding.create"] += 1
         return _json(self.role_bindings[uid])
 
     async def _list_role_bindings(self, request: web.Request) -> web.Response:
@@ -882,13 +1176,17 @@ class ChainguardEmulator:
         if group:
             _check_uidp(group, "group")
             self._require(caller, "role_bindings.list", group)
+        candidates = (
+            [self.role_bindings[key] for key in self.role_bindings.uids_of(identity)]
+            if identity
+            else list(self.role_bindings.values())
+        )
         matches = [
             binding
-            for binding in self.role_bindings.values()
-            if (not identity or binding["identity"]["uid"] == identity)
-            and (not group or binding["group"]["uid"] == group)
-            and (not role or binding["role"]["uid"] == role)
-            and self._can(caller, "role_bindings.list", binding["group"]["uid"])
+            for binding in candidates
+            if (not group or _binding_group(binding) == group)
+            and (not role or _binding_role(binding) == role)
+            and self._can(caller, "role_bindings.list", _binding_group(binding))
         ]
         page, next_token = _paginate(matches, query)
         return _json({"roleBindings": page, "nextPageToken": next_token})
@@ -897,8 +1195,9 @@ class ChainguardEmulator:
         caller = self._caller(request)
         uid = _path_uidp(request)
         self._require(caller, "role_bindings.delete", _scope(uid))
-        if self.role_bindings.pop(uid, None) is None:
-            raise ApiError(NOT_FOUND, f"role binding {uid} not found")
+        # Idempotent (AIP-135, as the v2 protos say): deleting a missing binding succeeds.
+        if self.role_bindings.pop(uid, None) is not None:
+            self._writes["role_binding.delete"] += 1
         return _json({})
 
     # -- registry -----------------------------------------------------------------------------------
@@ -1044,6 +1343,20 @@ class ChainguardEmulator:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+
+
+def _identity_view(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity as a role binding shows it (the protos' RoleBindingIdentity): never its keys."""
+    claim_match = identity.get("claimMatch")
+    claims: Mapping[str, Any] = claim_match if isinstance(claim_match, Mapping) else {}
+    return {
+        "uid": identity.get("uid", ""),
+        "name": identity.get("name", ""),
+        "description": identity.get("description", ""),
+        "subject": claims.get("subject", ""),  # the exact values of a claim match ("from ClaimMatch")
+        "issuer": claims.get("issuer", ""),
+        "email": identity.get("email", ""),
+    }
 
 
 def _snake(name: str) -> str:

@@ -31,9 +31,10 @@ import kopf
 
 from cgid_testkit.chainguard import ChainguardEmulator
 from cgid_testkit.kube import KubeEmulator, write_kubeconfig
-from chainguard_identity_operator import handlers
+from chainguard_identity_operator import handlers, naming
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.crd import GROUP, PLURAL, VERSION, build_crd
+from chainguard_identity_operator.naming import Owner
 from chainguard_identity_operator.runtime import Runtime
 
 PUBLIC_ISSUER = "https://oidc.sandbox-cluster.example"
@@ -116,6 +117,16 @@ class World:
     async def restart_operator(self) -> None:
         await self.stop_operator()
         await self.start_operator()
+
+    def owner(self, namespace: str, name: str) -> Owner:
+        """The owner an identity's marker names when this cluster's resource ``namespace/name`` made it."""
+        kube_system = self.kube.current("v1/namespaces", None, "kube-system")
+        assert kube_system is not None
+        return Owner(self.settings.cluster_name, kube_system["metadata"]["uid"], namespace, name)
+
+    def owns(self, description: str, namespace: str, name: str) -> bool:
+        """Whether an identity with ``description`` belongs to the resource ``namespace/name`` here."""
+        return naming.parse_marker(description) == self.owner(namespace, name)
 
     # -- the cluster, as a client sees it ---------------------------------------------------------
 
@@ -408,6 +419,8 @@ async def world(
                 "max_backoff": datetime.timedelta(seconds=2),
                 "request_timeout": datetime.timedelta(seconds=5),
                 "replacement_grace": datetime.timedelta(seconds=5),
+                "operator_namespace": OPERATOR_NAMESPACE,
+                "identity_config_map": "operator-chainguard-identity",
                 "metrics_port": 0,
             }
             values.update(settings_overrides or {})

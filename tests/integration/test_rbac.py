@@ -62,6 +62,8 @@ class Permission:
     resource: str | None
     verb: str
     url: str | None = None
+    # The object's name, for rules limited by resourceNames; not part of what a permission *is*.
+    name: str | None = dataclasses.field(default=None, compare=False)
 
     def __str__(self) -> str:
         if self.url is not None:
@@ -91,6 +93,7 @@ def permission(method: str, path: str, params: Mapping[str, str]) -> Permission 
         rest = rest[2:]
     resource = "/".join([rest[0], *rest[2:]])  # plural, then /subresource
     named = len(rest) >= 2
+    name = rest[1] if named else None
     if method == "GET":
         verb = "watch" if params.get("watch") in ("true", "1") else ("get" if named else "list")
     else:
@@ -100,7 +103,7 @@ def permission(method: str, path: str, params: Mapping[str, str]) -> Permission 
             "PATCH": "patch",
             "DELETE": "delete" if named else "deletecollection",
         }[method]
-    return Permission(group, resource, verb)
+    return Permission(group, resource, verb, name=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +116,12 @@ class Rules:
                 continue
             if wanted.url is not None and wanted.url in rule.get("nonResourceURLs", []):
                 return True
+            names = rule.get("resourceNames")
             if (
                 wanted.url is None
                 and wanted.group in rule.get("apiGroups", [])
                 and wanted.resource in rule.get("resources", [])
+                and (names is None or wanted.name in names)
             ):
                 return True
         return False
@@ -198,6 +203,15 @@ async def exercise(w: World) -> None:
 
     await w.wait_for(replaced, what="the ConfigMap to name the replacement identity")
     await w.wait_ready("shop", "puller")
+
+    # A rename of the ConfigMap: the new one is written, then the old one is deleted.
+    await w.apply(cr("puller", "shop", mode="Static", parent=w.org, configMap={"name": "puller-renamed"}))
+
+    async def renamed() -> bool:
+        return await w.config_map("shop", "puller-chainguard-identity") is None
+
+    await w.wait_for(renamed, what="the old ConfigMap to be deleted")
+    assert await w.config_map("shop", "puller-renamed") is not None
 
     await w.delete("default", "builder")
 

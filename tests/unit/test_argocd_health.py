@@ -2,7 +2,7 @@
 CEL expressions and ``kubectl wait --for=condition=Ready`` all read the operator's conditions the same way.
 
 The status samples come from the operator's own code: ``conditions.build_conditions`` fed with the
-``Health`` that ``reconcile`` derives from real failures (``_failure_health`` on a ``SpecError``, a 403,
+``Health`` that ``reconcile`` derives from real failures (``health.classify`` on a ``SpecError``, a 403,
 a 503, ...), including transitions from an earlier status. ``deploy/argocd/health.lua`` runs in a real
 Lua 5.1 interpreter (lupa) — the dialect of Argo CD's gopher-lua — with only the libraries Argo CD's
 sandbox offers. kstatus and kubectl are re-implemented here from their documented rules in a few lines;
@@ -28,7 +28,7 @@ from chainguard_identity_operator.chainguard.errors import PermissionDenied, Ser
 from chainguard_identity_operator.cluster import ClusterError, ConfigMapConflict
 from chainguard_identity_operator.conditions import Health, Phase, build_conditions
 from chainguard_identity_operator.model import SpecError
-from chainguard_identity_operator.reconcile import _failure_health
+from chainguard_identity_operator.health import classify
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HEALTH_LUA = ROOT / "deploy" / "argocd" / "health.lua"
@@ -143,7 +143,7 @@ READY = Health(Phase.READY, "IdentityReady", "identity c958/f067 (ClaimMatch) ha
 
 
 def failure(exc: Exception) -> Health:
-    health, _transient, _retry_after = _failure_health(exc)
+    health = classify(exc).health
     return health
 
 

@@ -16,6 +16,7 @@ from chainguard_identity_operator.chainguard import (
     AssumedIdentity,
     ChainguardClient,
     ChainguardError,
+    CredentialsError,
     PermissionDenied,
     ServerError,
     StaticTokenFile,
@@ -153,8 +154,10 @@ async def test_static_token_file_missing_or_empty(tmp_path: pathlib.Path, conten
     path = tmp_path / "token"
     if content is not None:
         path.write_text(content)
-    with pytest.raises(ChainguardError, match=str(path)):
+    with pytest.raises(CredentialsError, match=str(path)) as caught:
         await StaticTokenFile(path).token()
+    assert caught.value.status is None
+    assert not caught.value.transient
 
 
 # --- AssumedIdentity -----------------------------------------------------------------------------
@@ -275,11 +278,12 @@ async def test_assumed_identity_repr_and_errors_hold_no_token(tmp_path: pathlib.
         assert token not in repr(source)
         token_path.unlink()
         source.invalidate()
-        with pytest.raises(ChainguardError, match="cannot read the token file") as caught:
+        with pytest.raises(CredentialsError, match="cannot read the token file") as caught:
             await source.token()
     finally:
         await close()
     assert "sa-token-1" not in str(caught.value)
+    assert not caught.value.transient
 
 
 async def test_client_with_assumed_identity_reexchanges_after_a_401(tmp_path: pathlib.Path) -> None:
@@ -299,3 +303,115 @@ async def test_client_with_assumed_identity_reexchanges_after_a_401(tmp_path: pa
         await close()
     assert len(fake.presented) == 2
     assert [sub_of(token) for token in presented] == [f"{IDENTITY}#1", f"{IDENTITY}#2"]
+
+
+# --- AssumedIdentity: every STS failure is a CredentialsError ------------------------------------
+
+
+async def assumed_with(
+    tmp_path: pathlib.Path, sts_router: Callable[[httpx.Request], httpx.Response]
+) -> tuple[AssumedIdentity, Callable[[], Awaitable[None]]]:
+    token_path = tmp_path / "sa-token"
+    token_path.write_text(SUBJECT)
+    sts = STSClient(ISSUER, transport=httpx.MockTransport(sts_router))
+    return AssumedIdentity(sts, identity=IDENTITY, token_path=token_path, clock=Clock()), sts.aclose
+
+
+def sts_error(
+    status: int, code: int, message: str, **headers: str
+) -> Callable[[httpx.Request], httpx.Response]:
+    return lambda request: httpx.Response(
+        status, json={"code": code, "message": message, "details": [{"echo": SUBJECT}]}, headers=headers
+    )
+
+
+@pytest.mark.parametrize(
+    ("router", "status", "transient", "message"),
+    [
+        (sts_error(403, 7, f"verifying token: oidc: token is expired ({SUBJECT})"), 403, False, None),
+        (sts_error(401, 16, "unauthenticated"), 401, False, "unauthenticated"),
+        (sts_error(400, 3, "audience must be specified"), 400, False, "audience must be specified"),
+        (sts_error(503, 14, "unavailable"), 503, True, "unavailable"),
+        (sts_error(500, 13, "internal"), 500, True, "internal"),
+        (sts_error(429, 8, "slow down", **{"Retry-After": "4"}), 429, True, "slow down"),
+        (lambda request: httpx.Response(200, json={"nothing": "here"}), None, False, None),
+    ],
+    ids=["403", "401", "400", "503", "500", "429", "no token"],
+)
+async def test_assumed_identity_raises_credentials_error_for_any_sts_failure(
+    tmp_path: pathlib.Path,
+    router: Callable[[httpx.Request], httpx.Response],
+    status: int | None,
+    transient: bool,
+    message: str | None,
+) -> None:
+    source, close = await assumed_with(tmp_path, router)
+    try:
+        with pytest.raises(CredentialsError) as caught:
+            await source.token()
+    finally:
+        await close()
+    error = caught.value
+    assert error.status == status
+    assert error.transient is transient
+    assert not isinstance(error, PermissionDenied)  # the API client would retry that as propagation
+    if message is not None:
+        assert error.message == message
+    if status == 403:
+        assert error.message == "verifying token: oidc: token is expired ([REDACTED])"
+    if status == 429:
+        assert error.retry_after == 4.0
+    for text in (str(error), repr(error), error.message):
+        assert SUBJECT not in text
+    assert IDENTITY in str(error)  # says whose token could not be had
+
+
+@pytest.mark.parametrize("failure", [httpx.ConnectError, httpx.ReadTimeout])
+async def test_assumed_identity_sts_transport_errors_are_transient_credentials_errors(
+    tmp_path: pathlib.Path, failure: type[httpx.TransportError]
+) -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        raise failure("down", request=request)
+
+    source, close = await assumed_with(tmp_path, down)
+    try:
+        with pytest.raises(CredentialsError) as caught:
+            await source.token()
+    finally:
+        await close()
+    assert caught.value.status is None
+    assert caught.value.transient
+    assert failure.__name__ in str(caught.value)
+    assert caught.value.__cause__ is None
+
+
+async def test_an_sts_403_on_a_create_is_raised_at_once_not_retried_as_propagation(
+    tmp_path: pathlib.Path,
+) -> None:
+    exchanges: list[httpx.Request] = []
+    api_calls: list[httpx.Request] = []
+    sleeps: list[float] = []
+
+    def sts(request: httpx.Request) -> httpx.Response:
+        exchanges.append(request)
+        return httpx.Response(403, json={"code": 7, "message": "verifying token: identity keys expired"})
+
+    def api(request: httpx.Request) -> httpx.Response:
+        api_calls.append(request)
+        return httpx.Response(200, json={})
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    source, close = await assumed_with(tmp_path, sts)
+    try:
+        async with ChainguardClient(
+            "https://api.test", source, transport=httpx.MockTransport(api), sleep=sleep
+        ) as client:
+            with pytest.raises(CredentialsError, match="identity keys expired"):
+                await client.create_role_binding(IDENTITY.split("/")[0], identity=IDENTITY, role="a" * 40)
+    finally:
+        await close()
+    assert len(exchanges) == 1
+    assert api_calls == []
+    assert sleeps == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -18,9 +18,11 @@ from chainguard_identity_operator.chainguard import (
     ChainguardClient,
     ChainguardError,
     ClaimMatch,
+    CredentialsError,
     Identity,
     InvalidArgument,
     NotFound,
+    OutcomeUnknown,
     PermissionDenied,
     RateLimited,
     RetryPolicy,
@@ -29,7 +31,7 @@ from chainguard_identity_operator.chainguard import (
     TransportError,
     Unauthenticated,
 )
-from chainguard_identity_operator.chainguard.errors import error_from_response, parse_retry_after
+from chainguard_identity_operator.chainguard.errors import error_from_response, parse_retry_after, redact
 
 API = "https://console-api.test"
 ORG = "c95870ebffa72a258df087ea727ee92daf177e29"
@@ -418,7 +420,7 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert error.retry_after == 2.5
 
 
-# --- retries -------------------------------------------------------------------------------------
+# --- retries: reads ------------------------------------------------------------------------------
 
 
 async def test_503_is_retried_with_jittered_exponential_backoff() -> None:
@@ -457,62 +459,296 @@ async def test_transient_errors_give_up_after_the_attempts_with_the_last_error()
     assert caught.value.transient
 
 
-async def test_500_is_retried_for_reads_and_deletes() -> None:
-    async with Harness(
-        sequence(fail(500, 13, "oops"), ok(IDENTITY_WIRE), fail(500, 13, "oops"), ok({}))
-    ) as h:
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_reads_are_retried_on_every_transient_status(status: int) -> None:
+    async with Harness(sequence(fail(status, 13, "oops"), ok(IDENTITY_WIRE))) as h:
         assert await h.client.get_identity(IDENTITY) is not None
-        await h.client.delete_identity(IDENTITY)
-    assert [r.method for r in h.requests] == ["GET", "GET", "DELETE", "DELETE"]
+    assert [r.method for r in h.requests] == ["GET", "GET"]
+    assert len(h.sleeps) == 1
 
 
-@pytest.mark.parametrize("status", [500, 501])
-async def test_a_create_failing_with_500_is_not_retried(status: int) -> None:
-    async with Harness(sequence(fail(status, 13, "internal"))) as h:
-        with pytest.raises(ServerError) as caught:
-            await h.client.create_identity(ORG, static_identity())
+async def test_a_read_answered_501_is_not_retried() -> None:
+    async with Harness(sequence(fail(501, 12, "unimplemented"))) as h:
+        with pytest.raises(ServerError):
+            await h.client.get_identity(IDENTITY)
     assert len(h.requests) == 1
-    assert h.sleeps == []
-    assert caught.value.transient  # the caller retries later, after looking the name up
 
 
-async def test_transport_errors_are_retried_and_wrapped() -> None:
+async def test_transport_errors_are_retried_for_reads_and_wrapped() -> None:
     def down(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectTimeout("timed out", request=request)
+        raise httpx.ReadTimeout("timed out", request=request)
 
     async with Harness(down, RetryPolicy(attempts=3)) as h:
         with pytest.raises(TransportError) as caught:
             await h.client.get_identity(IDENTITY)
     assert len(h.requests) == 3
     assert len(h.sleeps) == 2
-    assert str(caught.value) == f"GET /iam/v2/identities/{IDENTITY}: ConnectTimeout"
+    assert str(caught.value) == f"GET /iam/v2/identities/{IDENTITY}: ReadTimeout"
     assert caught.value.transient
     assert caught.value.__cause__ is None
     assert h.hooks[-1] == ("GET", "/iam/v2/identities/{uid}", None)
 
 
-async def test_403_on_role_binding_create_is_retried_like_terraform() -> None:
-    router = sequence(fail(403, 7, "not yet"), fail(403, 7, "not yet"), ok({"uid": BINDING}))
+# --- retries: writes are not reads ---------------------------------------------------------------
+
+Mutation = Callable[[ChainguardClient], Awaitable[object]]
+
+MUTATIONS: dict[str, tuple[str, str, Mutation]] = {
+    "create identity": (
+        "POST",
+        f"/iam/v2/identities/{ORG}",
+        lambda c: c.create_identity(ORG, static_identity()),
+    ),
+    "update identity": (
+        "PATCH",
+        f"/iam/v2/identities/{IDENTITY}",
+        lambda c: c.update_identity(IDENTITY, static_identity(), ["description"]),
+    ),
+    "delete identity": ("DELETE", f"/iam/v2/identities/{IDENTITY}", lambda c: c.delete_identity(IDENTITY)),
+    "create binding": (
+        "POST",
+        f"/iam/v2/roleBindings/{ORG}",
+        lambda c: c.create_role_binding(ORG, identity=IDENTITY, role=ROLE),
+    ),
+    "delete binding": ("DELETE", f"/iam/v2/roleBindings/{BINDING}", lambda c: c.delete_role_binding(BINDING)),
+}
+WRITE_ANSWER = {**IDENTITY_WIRE, "identityUid": IDENTITY, "roleUid": ROLE}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+@pytest.mark.parametrize("status", [500, 502, 504])
+async def test_an_ambiguous_status_to_a_write_is_outcome_unknown_at_once(mutation: str, status: int) -> None:
+    method, path, call = MUTATIONS[mutation]
+    async with Harness(sequence(fail(status, 13, "boom"))) as h:
+        with pytest.raises(OutcomeUnknown) as caught:
+            await call(h.client)
+    assert len(h.requests) == 1  # never re-sent: the first one may have been applied
+    assert h.sleeps == []
+    assert str(caught.value) == f"{method} {path}: outcome unknown (HTTP {status})"
+    assert caught.value.status == status
+    assert caught.value.transient
+    assert isinstance(caught.value, ChainguardError)
+    assert not isinstance(caught.value, APIError)  # callers must not take it for an answer
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+@pytest.mark.parametrize(
+    "error",
+    [httpx.ReadTimeout, httpx.WriteTimeout, httpx.RemoteProtocolError, httpx.ReadError],
+    ids=lambda cls: cls.__name__,
+)
+async def test_a_lost_answer_to_a_write_is_outcome_unknown_at_once(
+    mutation: str, error: type[httpx.TransportError]
+) -> None:
+    method, path, call = MUTATIONS[mutation]
+
+    def lost(request: httpx.Request) -> httpx.Response:
+        raise error("no answer", request=request)
+
+    async with Harness(lost) as h:
+        with pytest.raises(OutcomeUnknown) as caught:
+            await call(h.client)
+    assert len(h.requests) == 1
+    assert str(caught.value) == f"{method} {path}: outcome unknown ({error.__name__})"
+    assert caught.value.status is None
+    assert caught.value.__cause__ is None  # httpx's exception holds the request and its headers
+    assert h.hooks == [(method, h.hooks[0][1], None)]
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+@pytest.mark.parametrize("error", [httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout])
+async def test_a_write_that_never_left_is_retried(mutation: str, error: type[httpx.TransportError]) -> None:
+    # No connection was made, so no byte of the request reached the server: nothing can have happened.
+    _, _, call = MUTATIONS[mutation]
+    answers: list[httpx.Response] = [ok(WRITE_ANSWER)]
+
+    def refused_once(request: httpx.Request) -> httpx.Response:
+        if len(h.requests) == 1:
+            raise error("refused", request=request)
+        return answers.pop(0)
+
+    async with Harness(refused_once) as h:
+        await call(h.client)
+    assert len(h.requests) == 2
+    assert len(h.sleeps) == 1
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+async def test_writes_are_resent_on_503_and_429_honouring_retry_after(mutation: str) -> None:
+    method, path, call = MUTATIONS[mutation]
+    router = sequence(
+        fail(503, 14, "unavailable"),
+        fail(429, 8, "slow down", headers={"Retry-After": "7"}),
+        ok(WRITE_ANSWER),
+    )
     async with Harness(router) as h:
-        binding = await h.client.create_role_binding(ORG, identity=IDENTITY, role=ROLE)
-    assert binding.uid == BINDING
+        await call(h.client)
+    assert [(r.method, r.url.path) for r in h.requests] == [(method, path)] * 3
+    assert 0.25 <= h.sleeps[0] <= 0.5
+    assert h.sleeps[1] == 7.0
+
+
+async def test_writes_resent_on_503_give_up_after_the_attempts() -> None:
+    async with Harness(sequence(*[fail(503, 14, "unavailable")] * 3), RetryPolicy(attempts=3)) as h:
+        with pytest.raises(ServerError) as caught:
+            await h.client.create_identity(ORG, static_identity())
+    assert len(h.requests) == 3
+    assert caught.value.status == 503
+
+
+async def test_a_503_then_an_ambiguous_answer_stops_at_the_ambiguous_one() -> None:
+    async with Harness(sequence(fail(503, 14, "unavailable"), fail(504, 4, "deadline"))) as h:
+        with pytest.raises(OutcomeUnknown, match=r"HTTP 504"):
+            await h.client.create_identity(ORG, static_identity())
+    assert len(h.requests) == 2
+
+
+async def test_a_create_answered_501_is_not_retried_and_not_ambiguous() -> None:
+    async with Harness(sequence(fail(501, 12, "unimplemented"))) as h:
+        with pytest.raises(ServerError) as caught:
+            await h.client.create_identity(ORG, static_identity())
+    assert len(h.requests) == 1
+    assert caught.value.status == 501
+
+
+async def test_a_write_answered_200_without_json_is_outcome_unknown() -> None:
+    async with Harness(sequence(httpx.Response(200, text="<html>proxy</html>"))) as h:
+        with pytest.raises(
+            OutcomeUnknown, match=r"outcome unknown \(HTTP 200 without a JSON body\)"
+        ) as caught:
+            await h.client.create_identity(ORG, static_identity())
+    assert caught.value.status == 200
+
+
+async def test_a_read_answered_200_without_json_is_an_error() -> None:
+    async with Harness(sequence(httpx.Response(200, text="<html>proxy</html>"))) as h:
+        with pytest.raises(ChainguardError, match="without a JSON body") as caught:
+            await h.client.get_identity(IDENTITY)
+    assert not isinstance(caught.value, OutcomeUnknown)
+
+
+async def test_already_exists_is_its_own_permanent_error() -> None:
+    async with Harness(sequence(fail(409, 6, "role binding exists"))) as h:
+        with pytest.raises(AlreadyExists) as caught:
+            await h.client.create_role_binding(ORG, identity=IDENTITY, role=ROLE)
+    assert len(h.requests) == 1
+    assert not caught.value.transient
+
+
+# --- 403 right after a create --------------------------------------------------------------------
+
+CREATES: dict[str, Mutation] = {
+    "identity": lambda c: c.create_identity(ORG, static_identity()),
+    "binding": lambda c: c.create_role_binding(ORG, identity=IDENTITY, role=ROLE),
+}
+
+
+@pytest.mark.parametrize("create", list(CREATES))
+async def test_403_on_create_is_retried_like_terraform(create: str) -> None:
+    router = sequence(fail(403, 7, "not yet"), fail(403, 7, "not yet"), ok(WRITE_ANSWER))
+    async with Harness(router) as h:
+        await CREATES[create](h.client)
+    assert len(h.requests) == 3
     assert h.sleeps == [2.0, 4.0]
 
 
-async def test_403_on_role_binding_create_gives_up_after_the_policy() -> None:
-    router = sequence(*[fail(403, 7, "permission denied")] * 6)
+@pytest.mark.parametrize("create", list(CREATES))
+async def test_403_on_create_gives_up_after_five_attempts_in_all(create: str) -> None:
+    router = sequence(*[fail(403, 7, "permission denied")] * 5)
     async with Harness(router) as h:
         with pytest.raises(PermissionDenied):
-            await h.client.create_role_binding(ORG, identity=IDENTITY, role=ROLE)
-    assert len(h.requests) == 6
-    assert h.sleeps == [2.0, 4.0, 8.0, 16.0, 16.0]
+            await CREATES[create](h.client)
+    assert len(h.requests) == 5
+    assert h.sleeps == [2.0, 4.0, 8.0, 16.0]  # no jitter, as the provider
 
 
-async def test_403_elsewhere_is_not_retried() -> None:
-    async with Harness(sequence(fail(403, 7, "no"))) as h:
+async def test_the_forbidden_policy_is_configurable() -> None:
+    policy = RetryPolicy(forbidden_attempts=3, forbidden_base_delay=1.0, forbidden_max_delay=1.5)
+    async with Harness(sequence(*[fail(403, 7, "no")] * 3), policy) as h:
         with pytest.raises(PermissionDenied):
             await h.client.create_identity(ORG, static_identity())
+    assert h.sleeps == [1.0, 1.5]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.update_identity(IDENTITY, static_identity(), ["description"]),
+        lambda c: c.delete_identity(IDENTITY),
+        lambda c: c.list_identities(ORG),
+    ],
+    ids=["update", "delete", "list"],
+)
+async def test_403_elsewhere_is_not_retried(call: Mutation) -> None:
+    async with Harness(sequence(fail(403, 7, "no"))) as h:
+        with pytest.raises(PermissionDenied):
+            await call(h.client)
     assert len(h.requests) == 1
+
+
+class FailingTokens:
+    """A token source that fails the way the STS does, ``fails`` times, then hands out a token."""
+
+    def __init__(self, error: Exception, fails: int = 100) -> None:
+        self.error = error
+        self.fails = fails
+        self.calls = 0
+
+    async def token(self) -> str:
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise self.error
+        return "eyJfine.token.sig"
+
+    def invalidate(self) -> None:
+        pass
+
+
+def client_with(tokens: Any, router: Router, sleeps: list[float]) -> ChainguardClient:
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    return ChainguardClient(API, tokens, transport=httpx.MockTransport(router), sleep=sleep)
+
+
+@pytest.mark.parametrize("create", list(CREATES))
+async def test_a_403_from_our_own_sts_exchange_is_not_a_propagation_delay(create: str) -> None:
+    tokens = FailingTokens(CredentialsError("verifying token: oidc: token is expired", status=403))
+    sleeps: list[float] = []
+    async with client_with(tokens, sequence(), sleeps) as client:
+        with pytest.raises(CredentialsError) as caught:
+            await CREATES[create](client)
+    assert tokens.calls == 1
+    assert sleeps == []
+    assert caught.value.status == 403
+    assert not isinstance(caught.value, PermissionDenied)
+
+
+async def test_a_token_source_raising_an_api_error_surfaces_as_credentials_error() -> None:
+    # A token source of another make that lets the STS's PermissionDenied through must not
+    # be mistaken for the API's 403 either (the bug this guards against retried it 5 times).
+    denied = PermissionDenied(403, 7, "verifying token: no", request="POST /sts/exchange")
+    tokens = FailingTokens(denied)
+    sleeps: list[float] = []
+    async with client_with(tokens, sequence(), sleeps) as client:
+        with pytest.raises(CredentialsError) as caught:
+            await client.create_role_binding(ORG, identity=IDENTITY, role=ROLE)
+    assert tokens.calls == 1
+    assert (caught.value.status, caught.value.message) == (403, "verifying token: no")
+    assert not caught.value.transient
+
+
+async def test_a_transient_credentials_error_is_retried_before_anything_is_sent() -> None:
+    tokens = FailingTokens(CredentialsError("unavailable", status=503, transient=True), fails=2)
+    sleeps: list[float] = []
+    async with client_with(tokens, sequence(ok(IDENTITY_WIRE)), sleeps) as client:
+        created = await client.create_identity(ORG, static_identity())
+    assert created.uid == IDENTITY
+    assert tokens.calls == 3
+    assert len(sleeps) == 2
+
+
+# --- 401 -----------------------------------------------------------------------------------------
 
 
 async def test_401_invalidates_the_token_and_retries_once() -> None:
@@ -534,6 +770,43 @@ async def test_a_second_401_is_raised() -> None:
     assert h.tokens.invalidations == 1
 
 
+# --- adopting a binding a lost answer created ----------------------------------------------------
+
+
+def binding_wire(uid: str, group: str, role: str, identity: str = IDENTITY) -> dict[str, Any]:
+    return {
+        "uid": uid,
+        "identityUid": identity,
+        "roleUid": role,
+        "identity": {"uid": identity},
+        "group": {"uid": group},
+        "role": {"uid": role},
+    }
+
+
+async def test_find_role_binding_filters_by_group_and_role() -> None:
+    other_org = "0" * 40
+    other_role = "1" * 40
+    listed = {
+        "roleBindings": [
+            binding_wire(f"{other_org}/0000000000000001", other_org, ROLE),
+            binding_wire(f"{ORG}/0000000000000002", ORG, other_role),
+            binding_wire(f"{ORG}/0000000000000003", ORG, ROLE),
+        ],
+        "nextPageToken": "",
+    }
+    async with Harness(sequence(ok(listed), ok(listed))) as h:
+        found = await h.client.find_role_binding(ORG, identity=IDENTITY, role=ROLE)
+        missing = await h.client.find_role_binding(other_org, identity=IDENTITY, role=other_role)
+    assert found is not None
+    assert found.uid == f"{ORG}/0000000000000003"
+    assert missing is None
+    assert dict(h.requests[0].url.params) == {"identity": IDENTITY, "pageSize": "200"}
+
+
+# --- secrets -------------------------------------------------------------------------------------
+
+
 async def test_tokens_never_appear_in_errors_or_repr() -> None:
     echo = "bad token eyJsecret.token-1.sig and eyJhbGciOi.eyJzdWIiOi.c2ln rejected"
     async with Harness(sequence(fail(400, 3, echo))) as h:
@@ -545,3 +818,48 @@ async def test_tokens_never_appear_in_errors_or_repr() -> None:
         assert "eyJhbGciOi" not in text
     assert "[REDACTED]" in caught.value.message
     assert client_repr == f"ChainguardClient({API!r})"
+
+
+HEADER = "eyJhbGciOiJSUzI1NiIsImtpZCI6IjEyMyJ9"  # {"alg":"RS256","kid":"123"}
+PAYLOAD = "eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQifQ"  # {"sub":"system:serviceaccount"}
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        f"{HEADER}.{PAYLOAD}.c2lnbmF0dXJl",  # a whole token
+        f"{HEADER}.{PAYLOAD}",  # header and payload, as a server may echo them
+        f"{HEADER}.{PAYLOAD}.",  # an unsigned token
+        PAYLOAD,  # a payload alone
+        HEADER,  # a header alone
+        "eyJsecret.token-1.sig",  # short segments, three of them
+    ],
+    ids=["three parts", "two parts", "unsigned", "payload", "header", "short three parts"],
+)
+def test_redact_scrubs_every_jwt_shaped_fragment(fragment: str) -> None:
+    text = redact(f"verifying token ({fragment}): oidc: token is expired")
+    assert text == "verifying token ([REDACTED]): oidc: token is expired"
+
+
+def test_redact_scrubs_the_given_secrets_and_keeps_ordinary_text() -> None:
+    assert redact("key s3cr3t-value leaked", "s3cr3t-value", "") == "key [REDACTED] leaked"
+    ordinary = "identity c95870ebffa72a258df087ea727ee92daf177e29/f067a9080d45a098 not found (eyJ)"
+    assert redact(ordinary) == ordinary
+
+
+def test_error_details_never_reach_a_message() -> None:
+    marker = "DETAIL-MARKER"
+    body = json.dumps(
+        {
+            "code": 13,
+            "message": "internal",
+            "details": [{"@type": "debug", "detail": f"{marker} {HEADER}.{PAYLOAD}", "stack": [marker]}],
+        }
+    ).encode()
+    error = error_from_response(500, body, request="POST /iam/v2/identities/x")
+    assert error.details  # kept for code that wants it ...
+    unknown = OutcomeUnknown("POST /iam/v2/identities/x", "HTTP 500", status=500)
+    credentials = CredentialsError(error.message, status=error.status)
+    for text in (str(error), repr(error), error.message, str(unknown), repr(unknown), str(credentials)):
+        assert marker not in text  # ... but never shown
+        assert HEADER not in text

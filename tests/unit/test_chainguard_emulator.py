@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import random
 import re
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cgid_testkit.chainguard import API_AUDIENCE, STS_ISSUER, ChainguardEmulator
+from cgid_testkit.chainguard import API_AUDIENCE, STS_ISSUER, ChainguardEmulator, Fault, RoleBindingStore
 from chainguard_identity_operator.chainguard.types import format_time, parse_time
 
 START = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.UTC)
@@ -444,10 +445,23 @@ async def test_roles_groups_and_role_bindings(
     assert created.status_code == 200, created.text
     binding = created.json()
     assert re.fullmatch(rf"{org}/[0-9a-f]{{16}}", binding["uid"])
-    assert binding["identity"]["uid"] == identity
-    assert binding["identity"]["name"] == "puller"
-    assert binding["group"]["uid"] == org
-    assert binding["role"]["name"] == "registry.pull"
+    # The flat fields a create sets, and the hydrated views of the protos (never an identity's keys).
+    assert (binding["identityUid"], binding["roleUid"]) == (identity, builtin[0]["uid"])
+    assert "groupUid" not in binding  # the protos have no flat group: it is the parent of the UIDP
+    assert binding["identity"] == {
+        "uid": identity,
+        "name": "puller",
+        "description": "",
+        "subject": SUBJECT,
+        "issuer": CLUSTER_ISSUER,
+        "email": "",
+    }
+    assert binding["group"] == {"uid": org, "name": ORG_NAME, "description": ""}
+    assert binding["role"] == {
+        "uid": builtin[0]["uid"],
+        "name": "registry.pull",
+        "description": builtin[0]["description"],
+    }
     assert binding["createTime"] == "2026-11-23T10:00:00Z"
     viewer_role = cg.builtin_role_uid("viewer")
     snake = await admin.post(
@@ -472,6 +486,7 @@ async def test_roles_groups_and_role_bindings(
 
     by_identity = (await admin.get("/iam/v2/roleBindings", params={"identity": identity})).json()
     assert [b["uid"] for b in by_identity["roleBindings"]] == [binding["uid"], snake.json()["uid"]]
+    assert by_identity["roleBindings"][0] == binding
     by_role = (await admin.get("/iam/v2/roleBindings", params={"role": viewer_role})).json()["roleBindings"]
     assert [b["uid"] for b in by_role] == [snake.json()["uid"]]
     paged = (await admin.get("/iam/v2/roleBindings", params={"group": org, "pageSize": "1"})).json()
@@ -481,8 +496,10 @@ async def test_roles_groups_and_role_bindings(
     deleted = await admin.delete(f"/iam/v2/roleBindings/{binding['uid']}")
     assert deleted.status_code == 200
     assert deleted.json() == {}
-    assert_error(await admin.delete(f"/iam/v2/roleBindings/{binding['uid']}"), 404, 5)
+    again = await admin.delete(f"/iam/v2/roleBindings/{binding['uid']}")  # idempotent (AIP-135)
+    assert (again.status_code, again.json()) == (200, {})
     assert list(cg.role_bindings) == [snake.json()["uid"]]
+    assert cg.writes() == {"identity.create": 1, "role_binding.create": 2, "role_binding.delete": 1}
 
 
 @pytest.mark.parametrize("cascade", [False, True])
@@ -881,3 +898,296 @@ async def test_urls_exist_only_while_running(clock: FakeClock, emulator_key: rsa
         assert cg.sts_url == cg.api_url
         async with httpx.AsyncClient(verify=TLS, timeout=5) as http:
             assert_error(await http.get(f"{cg.api_url}/no/such/path"), 404, 5)
+
+
+# -- committed, then the answer was lost ----------------------------------------------------------------
+
+
+async def test_a_lost_status_after_commit_answers_a_gateway_error_but_keeps_the_write(
+    cg: ChainguardEmulator, org: str, admin: httpx.AsyncClient
+) -> None:
+    cg.faults.add("POST", r"^/iam/v2/identities/", status=504, after_commit=True)
+    lost = await admin.post(f"/iam/v2/identities/{org}", json=claim_match_body())
+    assert_error(lost, 504, 4)
+    assert [identity["name"] for identity in cg.identities.values()] == ["puller"]  # committed
+    assert cg.writes() == {"identity.create": 1}
+    assert [(f.kind, f.method, f.path, f.status, f.after_commit) for f in cg.faults.injected] == [
+        ("status", "POST", f"/iam/v2/identities/{org}", 504, True)
+    ]
+    assert [(r.method, r.status) for r in cg.requests] == [("POST", 504)]
+    again = await admin.post(f"/iam/v2/identities/{org}", json=claim_match_body())
+    assert again.status_code == 200  # the fault was used up; a re-sent create makes a duplicate
+    assert len(cg.identities) == 2
+
+
+async def test_a_dropped_answer_after_commit_is_a_closed_connection(
+    cg: ChainguardEmulator, org: str, admin: httpx.AsyncClient
+) -> None:
+    identity = cg.add_identity(org, claim_match_body())
+    role = cg.builtin_role_uid("viewer")
+    cg.faults.add("POST", r"^/iam/v2/roleBindings/", after_commit=True, lose="drop")
+    with pytest.raises(httpx.RemoteProtocolError):
+        await admin.post(f"/iam/v2/roleBindings/{org}", json={"identityUid": identity, "roleUid": role})
+    assert [b["identityUid"] for b in cg.role_bindings.values()] == [identity]
+    assert cg.writes() == {"role_binding.create": 1}
+    assert cg.faults.injected[0].kind == "drop"
+    assert cg.requests[-1].status == 0  # nothing was answered
+    # The next request on a new connection is served as usual.
+    assert (await admin.get("/iam/v2/roleBindings", params={"identity": identity})).status_code == 200
+
+
+async def test_a_held_answer_after_commit_times_the_client_out_and_stop_does_not_wait(
+    clock: FakeClock, emulator_key: rsa.RSAPrivateKey
+) -> None:
+    cg = ChainguardEmulator(clock=clock, signing_key=emulator_key)
+    await cg.start()
+    try:
+        org = cg.add_group(ORG_NAME)
+        uid = cg.add_identity(org, claim_match_body())
+        cg.faults.add("DELETE", r"^/iam/v2/identities/", after_commit=True, lose="hold", delay=60)
+        async with client(cg, cg.mint_api_token("admin@example.com")) as admin:
+            with pytest.raises(httpx.ReadTimeout):
+                await admin.delete(f"/iam/v2/identities/{uid}", timeout=0.2)
+        assert uid not in cg.identities  # deleted before the answer was held
+        assert cg.writes() == {"identity.delete": 1}
+    finally:
+        await asyncio.wait_for(cg.stop(), timeout=5)
+
+
+async def test_a_lost_answer_to_a_refused_write_commits_nothing(
+    cg: ChainguardEmulator, org: str, admin: httpx.AsyncClient
+) -> None:
+    cg.faults.add("POST", r"^/iam/v2/identities/", status=502, after_commit=True)
+    lost = await admin.post(f"/iam/v2/identities/{org}", json=claim_match_body(name="NO"))
+    assert_error(lost, 502, 14)  # the client cannot tell, which is the point
+    assert cg.identities == {}
+    assert cg.writes() == {}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"status": 503, "lose": "sometimes"}, "lose"),
+        ({"status": 200, "after_commit": True}, "status"),
+        ({"after_commit": True, "lose": "hold"}, "delay"),
+        ({}, "status"),
+        ({"status": 503, "times": 0}, "times"),
+    ],
+)
+def test_fault_options_are_checked(
+    emulator_key: rsa.RSAPrivateKey, options: dict[str, Any], message: str
+) -> None:
+    emulator = ChainguardEmulator(signing_key=emulator_key)
+    with pytest.raises(ValueError, match=message):
+        emulator.faults.add("POST", r"^/iam/", **options)
+
+
+# -- a seeded fault policy --------------------------------------------------------------------------------
+
+
+async def test_the_policy_decides_for_requests_no_pending_fault_matches(
+    cg: ChainguardEmulator, org: str, admin: httpx.AsyncClient
+) -> None:
+    rng = random.Random(7)
+    asked: list[tuple[str, str]] = []
+
+    def policy(method: str, path: str) -> Fault | None:
+        asked.append((method, path))
+        if method == "GET" and rng.random() < 0.5:
+            return Fault(status=503)
+        return None
+
+    cg.faults.policy = policy
+    cg.faults.add("GET", r"^/iam/v2/groups", status=429, retry_after=1)
+    assert_error(await admin.get("/iam/v2/groups"), 429, 8)  # the pending fault wins
+    statuses = [(await admin.get("/iam/v2/roles")).status_code for _ in range(20)]
+    assert asked == [("GET", "/iam/v2/roles")] * 20
+    replay = random.Random(7)
+    assert statuses == [503 if replay.random() < 0.5 else 200 for _ in range(20)]
+    assert len(cg.faults.injected) == 1 + statuses.count(503)
+    assert {(f.kind, f.status) for f in cg.faults.injected[1:]} == {("status", 503)}
+
+
+async def test_a_policy_fault_may_lose_a_committed_answer(
+    cg: ChainguardEmulator, org: str, admin: httpx.AsyncClient
+) -> None:
+    cg.faults.policy = lambda method, path: Fault(status=500, after_commit=True) if method == "POST" else None
+    assert_error(await admin.post(f"/iam/v2/identities/{org}", json=claim_match_body()), 500, 13)
+    assert len(cg.identities) == 1
+    assert cg.faults.injected[0].after_commit
+
+
+# -- permissions propagating after a create -------------------------------------------------------------
+
+
+async def test_an_identity_create_in_a_fresh_group_answers_403_before_committing(
+    cg: ChainguardEmulator, org: str, admin: httpx.AsyncClient
+) -> None:
+    folder = cg.add_group("folder", parent=org)
+    cg.faults.forbid_fresh(identity_creates=2)
+    statuses = [
+        (await admin.post(f"/iam/v2/identities/{org}", json=claim_match_body())).status_code for _ in range(3)
+    ]
+    assert statuses == [403, 403, 200]
+    assert len(cg.identities) == 1  # nothing was stored by the refused attempts
+    # Counted per parent group: the folder is as new as the organization.
+    assert (await admin.post(f"/iam/v2/identities/{folder}", json=claim_match_body())).status_code == 403
+    assert [f.kind for f in cg.faults.injected] == ["propagation"] * 3
+    assert cg.writes() == {"identity.create": 1}
+
+
+# -- lifetime of static identities ------------------------------------------------------------------------
+
+
+async def test_the_default_is_the_strict_reading_365_days_from_creation(
+    cg: ChainguardEmulator,
+    org: str,
+    admin: httpx.AsyncClient,
+    keys: tuple[SigningKey, SigningKey],
+    clock: FakeClock,
+) -> None:
+    assert cg.max_static_lifetime == datetime.timedelta(days=365)
+    assert cg.max_lifetime_from_creation
+    assert cg.expiry_overrun == "refuse"
+    created = await admin.post(
+        f"/iam/v2/identities/{org}", json=static_body(keys[0], START + datetime.timedelta(days=30))
+    )
+    uid = created.json()["uid"]
+    clock.advance(days=100)
+
+    def extend(to: datetime.datetime) -> dict[str, Any]:
+        return {"staticKeys": {"expirationTime": format_time(to)}}
+
+    mask = {"updateMask": "static_keys.expiration_time"}
+    async with client(cg, cg.mint_api_token("admin@example.com")) as later:
+        past = await later.patch(
+            f"/iam/v2/identities/{uid}",
+            params=mask,
+            json=extend(START + datetime.timedelta(days=365, seconds=1)),
+        )
+        assert_error(past, 400, 9, "create_time + 365 days")
+        limit = await later.patch(
+            f"/iam/v2/identities/{uid}", params=mask, json=extend(START + datetime.timedelta(days=365))
+        )
+    assert limit.status_code == 200, limit.text
+    assert limit.json()["staticKeys"]["expirationTime"] == format_time(START + datetime.timedelta(days=365))
+
+
+async def test_expiry_overrun_clamp_stores_the_limit_and_answers_200(
+    clock: FakeClock, keys: tuple[SigningKey, SigningKey], emulator_key: rsa.RSAPrivateKey
+) -> None:
+    async with ChainguardEmulator(clock=clock, signing_key=emulator_key, expiry_overrun="clamp") as cg:
+        org = cg.add_group(ORG_NAME)
+        token = cg.mint_api_token("admin@example.com", lifetime=datetime.timedelta(days=400))
+        async with client(cg, token) as admin:
+            created = await admin.post(
+                f"/iam/v2/identities/{org}", json=static_body(keys[0], START + datetime.timedelta(days=400))
+            )
+            assert created.status_code == 200, created.text
+            limit = format_time(START + datetime.timedelta(days=365))
+            assert created.json()["staticKeys"]["expirationTime"] == limit
+            uid = created.json()["uid"]
+            clock.advance(days=200)
+            updated = await admin.patch(
+                f"/iam/v2/identities/{uid}",
+                params={"updateMask": "static_keys.expiration_time"},
+                json={"staticKeys": {"expirationTime": format_time(clock() + datetime.timedelta(days=300))}},
+            )
+            assert updated.status_code == 200, updated.text
+            assert updated.json()["staticKeys"]["expirationTime"] == limit  # silently clamped
+            assert cg.identities[uid]["staticKeys"]["expirationTime"] == limit
+            gone = await admin.patch(
+                f"/iam/v2/identities/{uid}",
+                params={"updateMask": "static_keys.expiration_time"},
+                json={"staticKeys": {"expirationTime": format_time(clock() - datetime.timedelta(days=1))}},
+            )
+            assert_error(gone, 400, 3, "future")  # clamping never makes the past acceptable
+
+
+def test_expiry_overrun_must_be_refuse_or_clamp(emulator_key: rsa.RSAPrivateKey) -> None:
+    with pytest.raises(ValueError, match="expiry_overrun"):
+        ChainguardEmulator(signing_key=emulator_key, expiry_overrun="ignore")  # type: ignore[arg-type]
+
+
+async def test_an_expiration_left_out_defaults_to_the_maximum(
+    cg: ChainguardEmulator, org: str, admin: httpx.AsyncClient, keys: tuple[SigningKey, SigningKey]
+) -> None:
+    body = static_body(keys[0], START)
+    del body["staticKeys"]["expirationTime"]
+    created = await admin.post(f"/iam/v2/identities/{org}", json=body)
+    assert created.status_code == 200, created.text
+    assert created.json()["staticKeys"]["expirationTime"] == format_time(START + datetime.timedelta(days=365))
+
+
+# -- the authorization index ------------------------------------------------------------------------------
+
+
+async def test_authorization_follows_direct_edits_of_role_bindings(
+    cg: ChainguardEmulator, org: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = cg.add_identity(org, claim_match_body("target"))
+    viewer = cg.add_identity(org, claim_match_body("viewer"))
+    binding = cg.bind(viewer, org, "viewer")
+    for index in range(300):  # others' bindings, which a check for the viewer must not walk through
+        cg.bind(cg.add_identity(org, claim_match_body(f"other-{index}")), org, "registry.pull")
+
+    async def can_read() -> bool:
+        async with client(cg, cg.mint_api_token(viewer)) as as_viewer:
+            return (await as_viewer.get(f"/iam/v2/identities/{target}")).status_code == 200
+
+    def no_scans(self: RoleBindingStore) -> Any:
+        raise AssertionError("an authorization check scanned every role binding")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(RoleBindingStore, "__iter__", no_scans)
+        assert await can_read()
+
+    saved = cg.role_bindings.pop(binding)
+    assert not await can_read()
+    cg.role_bindings[binding] = saved
+    assert await can_read()
+    del cg.role_bindings[binding]
+    assert not await can_read()
+    # A binding written by hand in the nested shape only, under a new key, counts too.
+    cg.role_bindings["hand-made"] = {
+        "uid": "hand-made",
+        "identity": {"uid": viewer},
+        "group": {"uid": org},
+        "role": {"uid": cg.builtin_role_uid("viewer")},
+    }
+    assert await can_read()
+    cg.role_bindings["hand-made"] = {**cg.role_bindings["hand-made"], "identity": {"uid": target}}
+    assert not await can_read()  # replaced by one for somebody else
+    cg.role_bindings.update({binding: saved})
+    assert await can_read()
+    cg.role_bindings.clear()
+    assert not await can_read()
+    cg.role_bindings = {binding: saved}  # a whole new dict
+    assert isinstance(cg.role_bindings, RoleBindingStore)
+    assert await can_read()
+    cg.role_bindings[binding]["identity"]["uid"] = target  # edited in place: seen too
+    cg.role_bindings[binding]["identityUid"] = target
+    assert not await can_read()
+
+
+async def test_updating_or_cascading_keeps_the_index_right(
+    clock: FakeClock, emulator_key: rsa.RSAPrivateKey
+) -> None:
+    async with ChainguardEmulator(clock=clock, signing_key=emulator_key, cascade_deletes=True) as cg:
+        org = cg.add_group(ORG_NAME)
+        editor = cg.add_identity(org, claim_match_body("editor"))
+        cg.bind(editor, org, "editor")
+        doomed = cg.add_identity(org, claim_match_body("doomed"))
+        cg.bind(doomed, org, "viewer")
+        async with client(cg, cg.mint_api_token(editor)) as as_editor:
+            renamed = await as_editor.patch(
+                f"/iam/v2/identities/{editor}",
+                params={"updateMask": "description"},
+                json={"description": "x"},
+            )
+            assert renamed.status_code == 200
+            assert (await as_editor.delete(f"/iam/v2/identities/{doomed}")).status_code == 200
+            listed = (await as_editor.get("/iam/v2/roleBindings", params={"group": org})).json()
+        assert [b["identityUid"] for b in listed["roleBindings"]] == [editor]
+        assert listed["roleBindings"][0]["identity"]["description"] == "x"
+        assert cg.writes() == {"identity.update": 1, "identity.delete": 1}

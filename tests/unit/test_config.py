@@ -47,6 +47,13 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "CGID_LIVENESS_PORT": ("8181", 8181),
     "CGID_METRICS_PORT": ("0", 0),  # 0 disables the metrics endpoint
     "CGID_LOG_LEVEL": ("DEBUG", "DEBUG"),
+    "CGID_CLUSTER_ID": ("3f0c5a8e-1b2d-4c6e-9f7a-0b1c2d3e4f5a", "3f0c5a8e-1b2d-4c6e-9f7a-0b1c2d3e4f5a"),
+    "CGID_OPERATOR_NAMESPACE": ("identity-system", "identity-system"),
+    "CGID_IDENTITY_CONFIG_MAP": ("operator-chainguard-identity", "operator-chainguard-identity"),
+    "CGID_ADOPTION_NAMESPACES": ("identity-system, platform", ("identity-system", "platform")),
+    "CGID_ADOPTION_PRIVILEGED": ("yes", True),
+    "CGID_MAX_STATIC_LIFETIME": ("720h", datetime.timedelta(days=30)),
+    "CGID_JWKS_MAX_STALENESS": ("30m", datetime.timedelta(minutes=30)),
 }
 
 
@@ -135,6 +142,13 @@ def test_unknown_variables_are_rejected_by_name() -> None:
         ("CGID_CLUSTER_NAME", "prod.eu"),  # a dot would make identity names ambiguous
         ("CGID_CLUSTER_NAME", "c" * 33),
         ("CGID_ALLOWED_ROLES", " , "),
+        ("CGID_CLUSTER_ID", "not an id"),
+        ("CGID_OPERATOR_NAMESPACE", "Chainguard-System"),
+        ("CGID_IDENTITY_CONFIG_MAP", "Operator_Identity"),
+        ("CGID_ADOPTION_NAMESPACES", "chainguard-system,Shop"),
+        ("CGID_ADOPTION_PRIVILEGED", "maybe"),
+        ("CGID_MAX_STATIC_LIFETIME", "0s"),
+        ("CGID_JWKS_MAX_STALENESS", "-1m"),
     ],
 )
 def test_bad_values_name_the_variable(var: str, raw: str) -> None:
@@ -177,3 +191,13 @@ def test_settings_built_directly_are_validated_too() -> None:
     # Tests and the sandbox build Settings without the environment; the same rules apply.
     with pytest.raises(ConfigurationError, match=r"^CGID_RESYNC_INTERVAL: must be positive"):
         Settings(token_file=pathlib.Path("/t"), resync_interval=datetime.timedelta(0))
+
+
+def test_adoption_is_honoured_in_the_operator_s_namespace_unless_listed_otherwise() -> None:
+    default = Settings.from_env({**DEV, "CGID_OPERATOR_NAMESPACE": "identity-system"})
+    assert default.adoption_allowed_in("identity-system")
+    assert not default.adoption_allowed_in("shop")
+    listed = Settings.from_env({**DEV, "CGID_ADOPTION_NAMESPACES": "platform"})
+    assert listed.adoption_allowed_in("platform")
+    assert not listed.adoption_allowed_in("chainguard-system")  # the list replaces the default
+    assert Settings.from_env({**DEV, "CGID_ADOPTION_NAMESPACES": "*"}).adoption_allowed_in("shop")

@@ -6,14 +6,26 @@ import re
 
 import pytest
 
+from chainguard_identity_operator.chainguard.types import Identity
 from chainguard_identity_operator.naming import (
     MAX_DESCRIPTION,
+    Owner,
     identity_description,
     identity_name,
     is_managed,
-    is_owned_by,
     ownership_marker,
+    parse_marker,
 )
+from chainguard_identity_operator.policy import Claim, claim_of
+
+CLUSTER_ID = "3f0c5a8e-1b2d-4c6e-9f7a-0b1c2d3e4f5a"
+OTHER_ID = "11111111-2222-3333-4444-555555555555"
+PULLER = Owner("prod", CLUSTER_ID, "shop", "puller")
+
+
+def is_owned_by(description: str, owner: Owner) -> bool:
+    return claim_of(Identity(uid="x", name="n", description=description), owner) is Claim.OURS
+
 
 # What the operator promises to generate (Chainguard's server accepts a superset of it).
 NAME = re.compile(r"^[a-z0-9._-]{3,63}$")
@@ -64,43 +76,67 @@ def test_different_long_inputs_get_different_names() -> None:
 
 
 def test_marker_round_trip() -> None:
-    description = identity_description("prod", "shop", "puller")
-    assert description == ownership_marker("prod", "shop", "puller")
-    assert is_owned_by(description, "prod", "shop", "puller")
+    description = identity_description(PULLER)
+    assert description == ownership_marker(PULLER)
+    assert description == (
+        f"managed-by=chainguard-identity-operator cluster=prod cluster-id={CLUSTER_ID} object=shop/puller"
+    )
+    assert parse_marker(description) == PULLER
+    assert is_owned_by(description, PULLER)
     assert is_managed(description)
 
 
 @pytest.mark.parametrize(
-    ("cluster", "namespace", "name"),
+    "other",
     [
-        ("staging", "shop", "puller"),  # another cluster
-        ("prod", "shop2", "puller"),  # another namespace
-        ("prod", "shop", "puller-2"),  # a name sharing a prefix
-        ("prod", "shop", "pull"),  # a prefix of the name
-        ("prod", "sho", "puller"),
-        ("pro", "shop", "puller"),
+        Owner("prod", OTHER_ID, "shop", "puller"),  # another cluster that shares the name
+        Owner("staging", CLUSTER_ID, "shop", "puller"),  # renamed cluster: the ID still proves it ...
+        Owner("prod", CLUSTER_ID, "shop2", "puller"),  # another namespace
+        Owner("prod", CLUSTER_ID, "shop", "puller-2"),  # a name sharing a prefix
+        Owner("prod", CLUSTER_ID, "shop", "pull"),  # a prefix of the name
+        Owner("prod", CLUSTER_ID, "sho", "puller"),
     ],
 )
-def test_other_objects_do_not_own_it(cluster: str, namespace: str, name: str) -> None:
-    for description in (
-        identity_description("prod", "shop", "puller"),
-        identity_description("prod", "shop", "puller", "pulls images"),
-    ):
-        assert not is_owned_by(description, cluster, namespace, name)
+def test_other_objects_and_clusters_do_not_own_it(other: Owner) -> None:
+    for description in (identity_description(PULLER), identity_description(PULLER, "pulls images")):
+        owned = is_owned_by(description, other)
+        # ... so only a different cluster ID, namespace or name loses the claim.
+        assert owned == (
+            other.cluster_id == CLUSTER_ID and (other.namespace, other.name) == ("shop", "puller")
+        )
         assert is_managed(description)
 
 
+def test_two_clusters_with_the_default_name_never_share_an_identity() -> None:
+    ours = Owner("kubernetes", CLUSTER_ID, "shop", "puller")
+    theirs = Owner("kubernetes", OTHER_ID, "shop", "puller")
+    assert identity_name("kubernetes", "shop", "puller") == "kubernetes.shop.puller"  # the same readable name
+    assert is_owned_by(identity_description(ours), ours)
+    assert not is_owned_by(identity_description(ours), theirs)
+    assert not is_owned_by(identity_description(theirs), ours)
+
+
+def test_a_legacy_marker_is_read_and_claimed_only_as_legacy() -> None:
+    legacy = "managed-by=chainguard-identity-operator cluster=prod object=shop/puller; pulls images"
+    assert parse_marker(legacy) == Owner("prod", None, "shop", "puller")
+    identity = Identity(uid="x", name="n", description=legacy)
+    assert claim_of(identity, PULLER) is Claim.LEGACY
+    assert claim_of(identity, Owner("staging", CLUSTER_ID, "shop", "puller")) is Claim.FOREIGN
+    assert claim_of(identity, Owner("prod", CLUSTER_ID, "shop", "other")) is Claim.FOREIGN
+
+
 def test_user_text_is_appended_after_the_marker() -> None:
-    description = identity_description("prod", "shop", "puller", "pulls the checkout images")
-    assert description == f"{ownership_marker('prod', 'shop', 'puller')}; pulls the checkout images"
-    assert is_owned_by(description, "prod", "shop", "puller")
+    description = identity_description(PULLER, "pulls the checkout images")
+    assert description == f"{ownership_marker(PULLER)}; pulls the checkout images"
+    assert is_owned_by(description, PULLER)
 
 
 def test_user_text_cannot_claim_another_object() -> None:
-    forged = ownership_marker("prod", "kube-system", "admin")
-    description = identity_description("prod", "shop", "puller", forged)
-    assert is_owned_by(description, "prod", "shop", "puller")
-    assert not is_owned_by(description, "prod", "kube-system", "admin")
+    admin = Owner("prod", CLUSTER_ID, "kube-system", "admin")
+    description = identity_description(PULLER, ownership_marker(admin))
+    assert is_owned_by(description, PULLER)
+    assert not is_owned_by(description, admin)
+    assert parse_marker(description) == PULLER
 
 
 @pytest.mark.parametrize(
@@ -108,20 +144,28 @@ def test_user_text_cannot_claim_another_object() -> None:
     [
         "",
         "created by hand for the CI pipeline",
-        "managed-by=chainguard-identity-operatorX cluster=prod object=shop/puller",
-        " managed-by=chainguard-identity-operator cluster=prod object=shop/puller",
-        "note: managed-by=chainguard-identity-operator cluster=prod object=shop/puller",
+        f"managed-by=chainguard-identity-operatorX cluster=prod cluster-id={CLUSTER_ID} object=shop/puller",
+        f" managed-by=chainguard-identity-operator cluster=prod cluster-id={CLUSTER_ID} object=shop/puller",
+        f"note: managed-by=chainguard-identity-operator cluster=prod cluster-id={CLUSTER_ID} object=shop/puller",
     ],
 )
 def test_foreign_descriptions_are_neither_owned_nor_managed(description: str) -> None:
-    assert not is_owned_by(description, "prod", "shop", "puller")
+    assert not is_owned_by(description, PULLER)
+    assert parse_marker(description) is None
     assert not is_managed(description)
 
 
+def test_a_marker_followed_by_more_object_text_is_not_that_object() -> None:
+    # "object=shop/puller" must end the marker: "shop/puller.evil" or "shop/puller x" name other things.
+    for suffix in (".evil", "x", " x"):
+        forged = f"{ownership_marker(PULLER)}{suffix}"
+        assert not is_owned_by(forged, PULLER)
+
+
 def test_description_is_capped_and_keeps_the_marker() -> None:
-    longest_name = "n" * 253
-    description = identity_description("c" * 32, "s" * 63, longest_name, "x" * 600)
+    longest = Owner("c" * 32, "i" * 64, "s" * 63, "n" * 253)
+    description = identity_description(longest, "x" * 600)
     assert len(description) == MAX_DESCRIPTION
-    assert is_owned_by(description, "c" * 32, "s" * 63, longest_name)
+    assert is_owned_by(description, longest)
     assert "\n" not in description
     assert "\t" not in description

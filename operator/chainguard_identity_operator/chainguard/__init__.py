@@ -1,8 +1,10 @@
 """Clients of Chainguard's API and STS, and where the operator's own API token comes from.
 
-``ChainguardClient`` speaks the IAM v2 API with retries, ``STSClient`` exchanges OIDC tokens,
-``StaticTokenFile``/``AssumedIdentity`` are the two token sources, and every failure is one of the
-exceptions of :mod:`.errors` (see the tree there).
+``ChainguardClient`` speaks the IAM v2 API with retries (a write is re-sent only on an answer
+proving nothing was done; otherwise it raises ``OutcomeUnknown``), ``STSClient`` exchanges OIDC
+tokens, ``StaticTokenFile``/``AssumedIdentity`` are the two token sources (their failures are
+``CredentialsError``), and every failure is one of the exceptions of :mod:`.errors` (see the tree
+there).
 """
 
 from .auth import AssumedIdentity, StaticTokenFile, TokenSource
@@ -11,8 +13,10 @@ from .errors import (
     AlreadyExists,
     APIError,
     ChainguardError,
+    CredentialsError,
     InvalidArgument,
     NotFound,
+    OutcomeUnknown,
     PermissionDenied,
     RateLimited,
     ServerError,
@@ -29,11 +33,13 @@ __all__ = [
     "ChainguardClient",
     "ChainguardError",
     "ClaimMatch",
+    "CredentialsError",
     "ExchangedToken",
     "Group",
     "Identity",
     "InvalidArgument",
     "NotFound",
+    "OutcomeUnknown",
     "PermissionDenied",
     "RateLimited",
     "RequestHook",

@@ -8,6 +8,12 @@ for production: it exchanges the operator's projected service-account token (aud
 that token until shortly before it expires. Concurrent callers share one exchange through an
 ``asyncio.Lock``, and every exchange re-reads the projected token file because the kubelet
 rotates it. Tokens are never logged and never put into exception messages.
+
+Every failure of a token source is a :class:`~.errors.CredentialsError`, never the STS's own
+``PermissionDenied`` or ``ServerError``: the API client retries a 403 on a fresh create as
+permissions propagating, and a 403 from *our* exchange is not that (it is our identity or its token
+being refused), so it must not look like an API answer. ``transient`` tells whether waiting helps
+(an STS 5xx/429 or a network error) or not (a refusal, an unreadable token file).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import pathlib
 from collections.abc import Callable
 from typing import Protocol
 
-from .errors import ChainguardError
+from .errors import ChainguardError, CredentialsError, as_credentials_error
 from .sts import STSClient
 from .types import ExchangedToken
 
@@ -30,7 +36,7 @@ API_AUDIENCE = "https://console-api.enforce.dev"
 
 class TokenSource(Protocol):
     async def token(self) -> str:
-        """A Chainguard API bearer token."""
+        """A Chainguard API bearer token; :class:`~.errors.CredentialsError` when none can be had."""
         ...
 
     def invalidate(self) -> None:
@@ -41,13 +47,12 @@ class TokenSource(Protocol):
 async def _read_token_file(path: pathlib.Path) -> str:
     try:
         text = await asyncio.to_thread(path.read_text, encoding="utf-8")
-    except OSError as exc:
-        raise ChainguardError(
-            f"cannot read the token file {path}: {exc.strerror or type(exc).__name__}"
-        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise CredentialsError(f"cannot read the token file {path}: {reason}") from None
     token = text.strip()
     if not token:
-        raise ChainguardError(f"the token file {path} is empty")
+        raise CredentialsError(f"the token file {path} is empty")
     return token
 
 
@@ -70,7 +75,15 @@ class StaticTokenFile:
 
 
 class AssumedIdentity:
-    """The operator's own assumable identity: projected SA token → STS → API token, cached."""
+    """The operator's own assumable identity: projected SA token → STS → API token, cached.
+
+    The identity is the configured one (``CGID_IDENTITY``) until the operator is told to ``follow``
+    another: when the operator's own ``ChainguardIdentity`` replaces the identity it logs in as (a static
+    identity past its maximum lifetime), it publishes the successor, and the next exchange is made for
+    that one. If the successor cannot be exchanged for, the configured identity is tried, so a bad
+    hand-off never locks the operator out while the old identity still exists. ``identity`` is the one
+    the current token belongs to: the reconcile never deletes it.
+    """
 
     def __init__(
         self,
@@ -82,10 +95,12 @@ class AssumedIdentity:
         refresh_margin: datetime.timedelta = datetime.timedelta(minutes=5),
         clock: Callable[[], datetime.datetime] | None = None,
     ) -> None:
+        self.configured = identity
         self.identity = identity
         self.token_path = token_path
         self.audience = audience
         self.refresh_margin = refresh_margin
+        self._followed: str | None = None
         self._sts = sts
         self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         self._lock = asyncio.Lock()
@@ -95,27 +110,57 @@ class AssumedIdentity:
     def __repr__(self) -> str:
         return f"AssumedIdentity(identity={self.identity!r}, token_path={str(self.token_path)!r})"
 
+    def follow(self, identity: str) -> None:
+        """Exchange for ``identity`` from the next token on (the operator's own identity was replaced)."""
+        if identity == self._followed:
+            return
+        logger.info("the operator's own identity is now %s (was %s)", identity, self.identity)
+        self._followed = identity
+        self.invalidate()
+
+    def identities(self) -> frozenset[str]:
+        """The identities the operator authenticates as, or may fall back to."""
+        return frozenset({self.identity})
+
     async def token(self) -> str:
         async with self._lock:
             now = self._clock()
             if self._cached is not None and self._refresh_at is not None and now < self._refresh_at:
                 return self._cached.token
             subject_token = await _read_token_file(self.token_path)
-            exchanged = await self._sts.exchange(
-                subject_token, audience=self.audience, identity=self.identity
-            )
-            # A token shorter-lived than twice the margin would otherwise be refreshed on every
-            # call; refresh such a token half-way through its remaining life instead.
-            remaining = max(exchanged.expiry - now, datetime.timedelta(0))
-            margin = min(self.refresh_margin, remaining / 2)
-            self._cached = exchanged
-            self._refresh_at = exchanged.expiry - margin
-            logger.debug(
-                "exchanged the operator's token for identity %s, valid until %s",
-                self.identity,
-                exchanged.expiry.isoformat(),
-            )
-            return exchanged.token
+            candidates = list(dict.fromkeys(uid for uid in (self._followed, self.configured) if uid))
+            first_error: CredentialsError | None = None
+            for candidate in candidates:
+                try:
+                    exchanged = await self._sts.exchange(
+                        subject_token, audience=self.audience, identity=candidate
+                    )
+                except ChainguardError as error:
+                    # Not the STS's PermissionDenied as such: see the module docstring.
+                    failure = as_credentials_error(
+                        error, f"exchanging the projected token for identity {candidate}"
+                    )
+                    if failure.transient:
+                        raise failure from None  # the STS is down: falling back would not help
+                    first_error = first_error or failure
+                    continue
+                if candidate != self.identity:
+                    logger.info("the operator now authenticates as identity %s", candidate)
+                self.identity = candidate
+                # A token shorter-lived than twice the margin would otherwise be refreshed on every
+                # call; refresh such a token half-way through its remaining life instead.
+                remaining = max(exchanged.expiry - now, datetime.timedelta(0))
+                margin = min(self.refresh_margin, remaining / 2)
+                self._cached = exchanged
+                self._refresh_at = exchanged.expiry - margin
+                logger.debug(
+                    "exchanged the operator's token for identity %s, valid until %s",
+                    candidate,
+                    exchanged.expiry.isoformat(),
+                )
+                return exchanged.token
+            assert first_error is not None
+            raise first_error
 
     def invalidate(self) -> None:
         self._cached = None

@@ -2,16 +2,30 @@
 
 One method per operation in ``chainguard-api.md``; each builds a path from a route template
 (``/iam/v2/identities/{uid}``, UIDPs with their ``/`` kept), sends it through one retry loop and
-turns the JSON answer into the wire dataclasses of :mod:`.types`. The retry loop follows the
-contract's guidance: 429 (honouring ``Retry-After``), 502/503/504 and transport errors are retried
-with jittered exponential backoff up to ``RetryPolicy.attempts`` tries; 500 is retried only for
-idempotent requests (GET, DELETE) because a create that failed with 500 may have happened, so the
-caller looks the name up instead; a 401 makes the token source forget its token and the request
-is tried once more; a 403 on creating a role binding is retried like Chainguard's Terraform
-provider does while new permissions propagate. Sleeping goes through an injected ``sleep`` so
-tests never wait, and every HTTP try is reported to an optional ``on_request`` hook (for metrics)
-with its route template, never its concrete path. Errors are those of :mod:`.errors`; the bearer
-token is only ever put in a request header, never in a log line, an exception or ``repr``.
+turns the JSON answer into the wire dataclasses of :mod:`.types`.
+
+Writes are not reads. A read (GET) is retried with jittered exponential backoff, up to
+``RetryPolicy.attempts`` tries, on 429 (honouring ``Retry-After``), 500, 502, 503, 504 and transport
+errors. A mutation (POST, PATCH, DELETE) is re-sent only on an answer proving nothing was done —
+503 Unavailable and 429 ResourceExhausted, under the same policy — or when the connection could not
+even be made (nothing was sent). After a timeout or a connection lost once the request was sent, or
+an answer of 500, 502 or 504, the write may have been committed, so re-sending it could apply it
+twice (a second identity of the same name, say): the client raises
+:class:`~.errors.OutcomeUnknown` at once and the caller looks the object up before writing again
+(:meth:`ChainguardClient.find_role_binding` adopts a binding a lost answer created). Chainguard's
+Terraform provider and SDK draw the same line.
+
+A 401 makes the token source forget its token and the request is tried once more. A 403 on
+creating an identity or a role binding is retried like the Terraform provider does while a new
+group's permissions propagate (5 attempts in all, 2, 4, 8, 16 s apart, no jitter) — a 403 proves
+nothing was done, so re-sending is safe. The token source's own failures are
+:class:`~.errors.CredentialsError`, never an API answer, so a refused STS exchange is never taken
+for that propagation delay; a transient one is retried like a failed read, as nothing was sent.
+
+Sleeping goes through an injected ``sleep`` so tests never wait, and every HTTP try is reported to
+an optional ``on_request`` hook (for metrics) with its route template, never its concrete path.
+Errors are those of :mod:`.errors`; the bearer token is only ever put in a request header, never in
+a log line, an exception or ``repr``.
 """
 
 from __future__ import annotations
@@ -29,13 +43,17 @@ import httpx
 
 from .auth import TokenSource
 from .errors import (
+    APIError,
     ChainguardError,
+    CredentialsError,
     NotFound,
+    OutcomeUnknown,
     PermissionDenied,
     RateLimited,
     ServerError,
     TransportError,
     Unauthenticated,
+    as_credentials_error,
     error_from_response,
 )
 from .types import Group, Identity, Role, RoleBinding
@@ -47,9 +65,14 @@ RequestHook = Callable[[str, str, int | None], None]
 
 PAGE_SIZE = 200  # the API's maximum
 
-# Statuses worth trying again as they are. 500 only for idempotent requests (see the docstring).
-_RETRY_STATUSES = frozenset({429, 502, 503, 504})
-_IDEMPOTENT = frozenset({"GET", "DELETE"})
+# Answers worth asking again as they are: for a read, any transient status; for a write, only
+# those proving nothing was done. Any other 5xx to a write (500, 502, 504, …) is ambiguous — except
+# 501, which says the method does not exist, so nothing happened and nothing will.
+_READ_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_WRITE_RETRY_STATUSES = frozenset({429, 503})
+_NOT_AMBIGUOUS_5XX = frozenset({501, 503})
+# Transport errors raised before a connection existed: not one byte of the request was sent.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 # Path parameters are UIDPs; refuse anything that could change the meaning of the URL.
 _PATH_UIDP = re.compile(r"^[0-9A-Za-z]+(/[0-9A-Za-z]+)*$")
@@ -63,15 +86,15 @@ class RetryPolicy:
     ``attempts`` counts every try of a request that fails transiently, the first one included;
     the delay before retry *n* is ``base_delay * 2**(n-1)`` capped at ``max_delay``, jittered
     down to as little as half of it, or the server's ``Retry-After`` (capped at ``max_delay``).
-    ``forbidden_after_create_attempts`` counts the *retries* of a role-binding create answered
-    403, as the Terraform provider retries 403 on create 5 times: 2 s doubling, cap 16 s
-    (2, 4, 8, 16, 16 s), without jitter.
+    ``forbidden_attempts`` counts every try, the first one included, of an identity or role-binding
+    create answered 403, as Chainguard's Terraform provider does: 5 in all, ``forbidden_base_delay``
+    doubling up to ``forbidden_max_delay`` (2, 4, 8, 16 s), without jitter.
     """
 
     attempts: int = 5
     base_delay: float = 0.5
     max_delay: float = 16.0
-    forbidden_after_create_attempts: int = 5
+    forbidden_attempts: int = 5
     forbidden_base_delay: float = 2.0
     forbidden_max_delay: float = 16.0
 
@@ -197,9 +220,13 @@ class ChainguardClient:
         return [Identity.from_wire(item) for item in items]
 
     async def create_identity(self, parent: str, identity: Identity) -> Identity:
-        """Create ``identity`` under ``parent``. Not retried on 500: look the name up instead."""
+        """Create ``identity`` under ``parent``. A 403 is retried per the policy, as a new parent
+        group's permissions take a moment to propagate; :class:`OutcomeUnknown` means it may exist
+        now, so look the name up before creating it again."""
         route = "/iam/v2/identities/{parent}"
-        data = await self._request("POST", route, _path(route, parent=parent), body=identity.to_wire())
+        data = await self._request(
+            "POST", route, _path(route, parent=parent), body=identity.to_wire(), retry_forbidden=True
+        )
         return Identity.from_wire(data)
 
     async def update_identity(self, uid: str, identity: Identity, mask: Sequence[str]) -> Identity:
@@ -254,9 +281,23 @@ class ChainguardClient:
         items = await self._list("/iam/v2/roleBindings", ("roleBindings", "role_bindings"), query, paged=True)
         return [RoleBinding.from_wire(item) for item in items]
 
+    async def find_role_binding(self, parent: str, *, identity: str, role: str) -> RoleBinding | None:
+        """The binding of ``role`` to ``identity`` in the group ``parent``, or ``None``.
+
+        For adopting a binding that a create whose answer was lost (:class:`OutcomeUnknown`) or
+        that answered 409 already made, instead of creating it again.
+        """
+        _check_uidp("parent", parent)
+        _check_uidp("role", role)
+        for binding in await self.list_role_bindings(identity=identity):
+            if binding.group_uid == parent and binding.role_uid == role:
+                return binding
+        return None
+
     async def create_role_binding(self, parent: str, *, identity: str, role: str) -> RoleBinding:
         """Bind ``role`` to ``identity`` in the group ``parent``. A 403 is retried per the policy,
-        as a fresh identity's permissions take a moment to propagate."""
+        as a fresh identity's permissions take a moment to propagate; after
+        :class:`OutcomeUnknown`, :meth:`find_role_binding` tells whether it was made."""
         route = "/iam/v2/roleBindings/{parent}"
         data = await self._request(
             "POST",
@@ -323,8 +364,9 @@ class ChainguardClient:
     ) -> dict[str, Any]:
         """Send one API request with the retry policy; return the JSON object of the answer."""
         policy = self.retry
+        write = method != "GET"
         failures = 0  # tries that failed transiently
-        forbidden = 0  # retries of a 403 on create
+        forbidden = 0  # tries of a create answered 403
         reauthenticated = False
         attempt = 0
         while True:
@@ -339,26 +381,20 @@ class ChainguardClient:
                 self._tokens.invalidate()
                 continue
             except PermissionDenied:
-                if not retry_forbidden or forbidden >= policy.forbidden_after_create_attempts:
-                    raise
                 forbidden += 1
+                if not retry_forbidden or forbidden >= policy.forbidden_attempts:
+                    raise
                 delay = policy.forbidden_delay(forbidden)
-            except ChainguardError as error:
+            except (CredentialsError, RateLimited, ServerError, TransportError) as error:
+                # A CredentialsError comes before anything was sent: retried as a read is.
+                statuses = _WRITE_RETRY_STATUSES if write else _READ_RETRY_STATUSES
+                retryable = error.transient and (not isinstance(error, APIError) or error.status in statuses)
                 failures += 1
-                if not self._retryable(method, error) or failures >= policy.attempts:
+                if not retryable or failures >= policy.attempts:
                     raise
                 delay = policy.delay(failures, error.retry_after)
             logger.debug("%s %s: retrying in %.2fs (attempt %d)", method, route, delay, attempt)
             await self._sleep(delay)
-
-    @staticmethod
-    def _retryable(method: str, error: ChainguardError) -> bool:
-        if isinstance(error, TransportError):
-            return True
-        if isinstance(error, RateLimited | ServerError):
-            return error.status in _RETRY_STATUSES or (error.status == 500 and method in _IDEMPOTENT)
-        # Any other error, e.g. from the token source, is retried if transient.
-        return error.transient
 
     async def _send(
         self,
@@ -369,7 +405,14 @@ class ChainguardClient:
         body: Mapping[str, Any] | None,
         attempt: int,
     ) -> dict[str, Any]:
-        token = await self._tokens.token()
+        request = f"{method} {path}"
+        write = method != "GET"
+        try:
+            token = await self._tokens.token()
+        except ChainguardError as error:
+            # Whatever the token source raised (its STS's PermissionDenied, say) is not an answer
+            # of the API to this request.
+            raise as_credentials_error(error, "the token source failed") from None
         try:
             response = await self._http.request(
                 method,
@@ -381,26 +424,34 @@ class ChainguardClient:
         except httpx.RequestError as exc:
             self._report(method, route, None, attempt)
             # httpx's exception carries the request and its Authorization header: keep only its kind.
-            raise TransportError(f"{method} {path}: {type(exc).__name__}") from None
+            if write and not isinstance(exc, _NOT_SENT):
+                raise OutcomeUnknown(request, type(exc).__name__) from None
+            raise TransportError(f"{request}: {type(exc).__name__}") from None
         self._report(method, route, response.status_code, attempt)
         if not response.is_success:
-            raise error_from_response(
+            answer = error_from_response(
                 response.status_code,
                 response.content,
-                request=f"{method} {path}",
+                request=request,
                 retry_after=response.headers.get("Retry-After"),
                 secrets=(token,),
             )
+            status = response.status_code
+            if write and status >= 500 and status not in _NOT_AMBIGUOUS_5XX:
+                raise OutcomeUnknown(request, f"HTTP {status}", status=status) from answer
+            raise answer
         if not response.content.strip():
             return {}  # a delete may answer with an empty body instead of {}
         try:
             data = response.json()
+            cause = f"HTTP {response.status_code} whose body is not a JSON object"
         except ValueError:
-            raise ChainguardError(
-                f"{method} {path}: HTTP {response.status_code} without a JSON body"
-            ) from None
+            data = None
+            cause = f"HTTP {response.status_code} without a JSON body"
         if not isinstance(data, dict):
-            raise ChainguardError(f"{method} {path}: the answer is not a JSON object")
+            if write:  # it succeeded, but what it made cannot be read: look it up
+                raise OutcomeUnknown(request, cause, status=response.status_code)
+            raise ChainguardError(f"{request}: {cause}")
         return data
 
     def _report(self, method: str, route: str, status: int | None, attempt: int) -> None:

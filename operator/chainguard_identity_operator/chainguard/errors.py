@@ -4,6 +4,8 @@ Our exception tree::
 
     ChainguardError                      base; never includes a token in its message
     ├── TransportError                   network error or timeout (transient)
+    ├── OutcomeUnknown(status)           a write got no answer or an ambiguous one (transient)
+    ├── CredentialsError(status, message) the operator's own token could not be had
     └── APIError(status, code, message)  an error answer from the API or STS (grpc code + HTTP status)
         ├── InvalidArgument              400 (InvalidArgument/FailedPrecondition/OutOfRange)
         ├── Unauthenticated              401
@@ -13,13 +15,26 @@ Our exception tree::
         ├── RateLimited                  429 (retry_after: float | None)
         └── ServerError                  5xx (500/502/503/504)
 
-Every error has ``transient`` (worth retrying later as is: TransportError, RateLimited and
-ServerError) and ``retry_after`` (the server's hint in seconds, or ``None``). The class is chosen
-from the HTTP status, as the grpc-gateway maps codes to statuses one way only; the grpc ``code``
-and ``message`` come from the ``{"code", "message", "details"}`` body when there is one, else
-from the status. Messages are built from the method, the URL path and the server's message, and
-:func:`redact` scrubs anything shaped like a JWT from the server's message, so a token can reach
-neither a log line nor a Kubernetes event through an exception.
+Every error has ``transient`` (worth retrying later as is: TransportError, OutcomeUnknown,
+RateLimited, ServerError, and a CredentialsError caused by an STS 5xx/429 or a network error) and
+``retry_after`` (the server's hint in seconds, or ``None``). The class of an answer is chosen from
+the HTTP status, as the grpc-gateway maps codes to statuses one way only; the grpc ``code`` and
+``message`` come from the ``{"code", "message", "details"}`` body when there is one, else from the
+status.
+
+Two classes exist because an answer is not always what it looks like. :class:`OutcomeUnknown` says
+that a mutation timed out, lost its connection or got a 500/502/504: it may have been applied, so
+the caller must look the object up before writing again, and must never treat it as "not done".
+:class:`CredentialsError` says the operator could not get its *own* API token (the STS refused or
+failed the exchange, or the token file is unreadable). It is deliberately not an :class:`APIError`:
+a 403 from our STS exchange is not the API's 403 on a fresh create, and must never be retried as
+permissions propagating.
+
+Messages are built from the method, the URL path and the server's message, and :func:`redact`
+scrubs anything shaped like a JWT — whole tokens and fragments of one — from the server's message,
+so a token can reach neither a log line nor a Kubernetes event through an exception. The error
+body's ``details`` are kept on :attr:`APIError.details` for code that wants them, but never put in
+a message, ``str`` or ``repr``: servers put debugging data there.
 """
 
 from __future__ import annotations
@@ -67,17 +82,29 @@ _CODE_FOR_STATUS: Mapping[int, int] = {
     504: 4,
 }
 
-# Three base64url segments starting with a JSON object ("eyJ" is base64 for '{"').
-_JWT_SHAPED = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# Anything shaped like a JWT or a piece of one. A JWT's header and payload are base64url JSON
+# objects, so each starts with "eyJ" (base64 for '{"'). Two shapes: three segments of any length
+# (a whole token), or one run of at least ten characters starting with "eyJ" and followed by any
+# number of ".segment" parts (a header alone, header.payload, an unsigned token) — what a server
+# echoes of a token it could not parse. Over-redacting ordinary text is the cheaper mistake.
+_JWT_SHAPED = re.compile(
+    r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*)*"
+    r"|eyJ[A-Za-z0-9_-]{7,}(?:\.[A-Za-z0-9_-]*)*"
+)
 _MAX_MESSAGE = 500
 
 
 def redact(text: str, *secrets: str) -> str:
-    """Replace every given secret and anything shaped like a JWT in ``text`` by ``[REDACTED]``."""
+    """Replace every given secret and anything JWT-shaped (a whole token or a fragment of one) in
+    ``text`` by ``[REDACTED]``."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[REDACTED]")
     return _JWT_SHAPED.sub("[REDACTED]", text)
+
+
+def _shorten(message: str) -> str:
+    return message[:_MAX_MESSAGE] + "…" if len(message) > _MAX_MESSAGE else message
 
 
 class ChainguardError(Exception):
@@ -94,6 +121,59 @@ class TransportError(ChainguardError):
     """The request got no answer: connection refused or reset, DNS failure, timeout."""
 
     transient = True
+
+
+class OutcomeUnknown(ChainguardError):
+    """A mutation (POST, PATCH, DELETE) may or may not have been applied.
+
+    Raised at once, without re-sending, when a write timed out or lost its connection after it was
+    sent, or was answered 500, 502 or 504: the server may have committed it before the answer was
+    lost. ``status`` is the HTTP status of the ambiguous answer, ``None`` when there was none. It is
+    transient — the caller's next step is to look the object up (by name, or for a role binding with
+    :meth:`ChainguardClient.find_role_binding`) and adopt it, or write again only if it is absent.
+    """
+
+    transient = True
+
+    def __init__(self, request: str, cause: str, *, status: int | None = None) -> None:
+        self.request = request
+        self.cause = cause
+        self.status = status
+        super().__init__(f"{request}: outcome unknown ({cause})")
+
+    def __repr__(self) -> str:
+        return f"OutcomeUnknown(request={self.request!r}, cause={self.cause!r}, status={self.status})"
+
+
+class CredentialsError(ChainguardError):
+    """The operator's own Chainguard API token could not be had.
+
+    The token source failed: the STS refused or failed to exchange the operator's projected token,
+    or the token file could not be read. ``status`` is the STS's HTTP status (``None`` for a network
+    error or a file), ``message`` the STS's message (redacted) or what went wrong, ``context`` where.
+    ``transient`` is true for an STS 5xx or 429 and for network errors, false otherwise: a refused
+    exchange (403) means the operator's identity or its token is wrong, which waiting does not fix.
+    Not an :class:`APIError`, so nothing mistakes it for the API's own answer to a request.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        transient: bool = False,
+        context: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        self.message = _shorten(redact(message))
+        self.status = status
+        self.transient = transient
+        self.context = context
+        detail = f"{context}: {self.message}" if context else self.message
+        super().__init__(f"cannot get the operator's Chainguard API token: {detail}", retry_after=retry_after)
+
+    def __repr__(self) -> str:
+        return f"CredentialsError(status={self.status}, transient={self.transient}, message={self.message!r})"
 
 
 class APIError(ChainguardError):
@@ -220,9 +300,7 @@ def error_from_response(
             details = tuple(parsed["details"])
     if not message:
         message = GRPC_CODE_NAMES.get(code, f"HTTP {status}")
-    message = redact(message, *secrets)
-    if len(message) > _MAX_MESSAGE:
-        message = message[:_MAX_MESSAGE] + "…"
+    message = _shorten(redact(message, *secrets))
     cls = _CLASS_FOR_STATUS.get(status, ServerError if status >= 500 else APIError)
     return cls(
         status,
@@ -232,3 +310,18 @@ def error_from_response(
         details=details,
         retry_after=parse_retry_after(retry_after),
     )
+
+
+def as_credentials_error(error: ChainguardError, context: str) -> CredentialsError:
+    """The :class:`CredentialsError` for a failure of a token source (e.g. an STS answer)."""
+    if isinstance(error, CredentialsError):
+        return error
+    if isinstance(error, APIError):
+        return CredentialsError(
+            error.message,
+            status=error.status,
+            transient=error.status == 429 or error.status >= 500,
+            context=f"{context} ({error.request or 'the STS'}: HTTP {error.status} {error.code_name})",
+            retry_after=error.retry_after,
+        )
+    return CredentialsError(str(error), transient=error.transient, context=context)

@@ -5,7 +5,10 @@ Chainguard token for one identity and one or more audiences. The exchange is a f
 (a JSON body is ignored by the STS) with repeated ``aud`` keys and the presented token as bearer.
 The client does not retry: an exchange is cheap for callers to repeat, and the callers know
 whether a 403 means "not yet" (right after an identity was created) or "never". Errors map onto
-the tree in :mod:`.errors`; neither the presented nor the minted token ever appears in a message.
+the tree in :mod:`.errors` as the STS's own answers (a refusal is ``PermissionDenied``); when the
+exchange is the operator's own, :class:`~.auth.AssumedIdentity` turns every one of them into a
+``CredentialsError``, so the API client never mistakes it for an answer of the API. Neither the
+presented nor the minted token ever appears in a message.
 """
 
 from __future__ import annotations

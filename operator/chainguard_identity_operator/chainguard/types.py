@@ -1,8 +1,18 @@
 """Typed views of the Chainguard IAM v2 wire objects the operator reads and writes.
 
 The grpc-gateway emits zero values but may also omit fields, so every ``from_wire`` accepts a key
-missing or present-but-zero, and every ``to_wire`` writes lowerCamelCase keys. Timestamps are
-timezone-aware UTC datetimes in Python and RFC 3339 strings with ``Z`` on the wire.
+missing or present-but-zero (and its snake_case proto name), and every ``to_wire`` writes
+lowerCamelCase keys. Timestamps are timezone-aware UTC datetimes in Python and RFC 3339 strings with
+``Z`` on the wire.
+
+Reads are faithful because the operator judges drift by comparing what it reads with what it wants:
+a :class:`ClaimMatch` keeps ``issuerPattern`` apart from ``issuer`` (and so on for subject,
+audience, ``claims`` and ``claimPatterns``), so an identity someone widened to a pattern never reads
+as the exact one the operator wrote. A :class:`RoleBinding` is read from its flat ``identityUid`` and
+``roleUid`` first — the fields a create or update sets, as Chainguard's Terraform provider reads
+them — then from the hydrated ``identity``/``role`` objects; the v2 protos have no flat group field,
+so the group is the nested ``group.uid`` or else the parent of the binding's own UIDP (a binding
+lives under its group).
 """
 
 from __future__ import annotations
@@ -48,22 +58,97 @@ def _str(data: Mapping[str, Any], *keys: str) -> str:
     return ""
 
 
+def _str_map(data: Mapping[str, Any], *keys: str) -> dict[str, str]:
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, Mapping) and value:
+            return {str(name): str(item) for name, item in value.items()}
+    return {}
+
+
 @dataclasses.dataclass(frozen=True)
 class ClaimMatch:
-    issuer: str
-    subject: str
+    """An identity's ``claimMatch``: each of issuer, subject and audience is an exact value or a
+    (Go RE2) pattern, plus custom ``claims`` (exact) and ``claim_patterns``.
+
+    ``issuer``, ``subject`` and ``audience`` may also be given by position, as before patterns were
+    read; the other members are keyword-only. An unset member is ``""`` (or empty), except that an
+    audience with neither value nor pattern is :data:`DEFAULT_AUDIENCE`, as the STS applies it; given
+    an ``audience_pattern``, a default ``audience`` is dropped, since only one of the two can be set.
+    """
+
+    issuer: str = ""
+    issuer_pattern: str = dataclasses.field(default="", kw_only=True)
+    subject: str = ""
+    subject_pattern: str = dataclasses.field(default="", kw_only=True)
     audience: str = DEFAULT_AUDIENCE
+    audience_pattern: str = dataclasses.field(default="", kw_only=True)
+    claims: Mapping[str, str] = dataclasses.field(default_factory=dict, kw_only=True)
+    claim_patterns: Mapping[str, str] = dataclasses.field(default_factory=dict, kw_only=True)
+
+    def __post_init__(self) -> None:
+        # Own copies, so a caller's dict changed later cannot change this frozen value.
+        object.__setattr__(self, "claims", dict(self.claims))
+        object.__setattr__(self, "claim_patterns", dict(self.claim_patterns))
+        if self.audience_pattern and self.audience == DEFAULT_AUDIENCE:
+            object.__setattr__(self, "audience", "")
+
+    def __hash__(self) -> int:
+        return hash(
+            (
+                self.issuer,
+                self.issuer_pattern,
+                self.subject,
+                self.subject_pattern,
+                self.audience,
+                self.audience_pattern,
+                tuple(sorted(self.claims.items())),
+                tuple(sorted(self.claim_patterns.items())),
+            )
+        )
+
+    @property
+    def is_exact(self) -> bool:
+        """Whether only exact issuer/subject/audience are set: no pattern, no custom claim."""
+        return not (
+            self.issuer_pattern
+            or self.subject_pattern
+            or self.audience_pattern
+            or self.claims
+            or self.claim_patterns
+        )
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> ClaimMatch:
+        audience = _str(data, "audience")
+        audience_pattern = _str(data, "audiencePattern", "audience_pattern")
         return cls(
-            issuer=_str(data, "issuer", "issuerPattern"),
-            subject=_str(data, "subject", "subjectPattern"),
-            audience=_str(data, "audience", "audiencePattern") or DEFAULT_AUDIENCE,
+            issuer=_str(data, "issuer"),
+            issuer_pattern=_str(data, "issuerPattern", "issuer_pattern"),
+            subject=_str(data, "subject"),
+            subject_pattern=_str(data, "subjectPattern", "subject_pattern"),
+            audience=audience or ("" if audience_pattern else DEFAULT_AUDIENCE),
+            audience_pattern=audience_pattern,
+            claims=_str_map(data, "claims"),
+            claim_patterns=_str_map(data, "claimPatterns", "claim_patterns"),
         )
 
     def to_wire(self) -> dict[str, Any]:
-        return {"issuer": self.issuer, "subject": self.subject, "audience": self.audience}
+        """The members that are set, under their JSON names."""
+        members = (
+            ("issuer", self.issuer),
+            ("issuerPattern", self.issuer_pattern),
+            ("subject", self.subject),
+            ("subjectPattern", self.subject_pattern),
+            ("audience", self.audience),
+            ("audiencePattern", self.audience_pattern),
+        )
+        wire: dict[str, Any] = {key: value for key, value in members if value}
+        if self.claims:
+            wire["claims"] = dict(self.claims)
+        if self.claim_patterns:
+            wire["claimPatterns"] = dict(self.claim_patterns)
+        return wire
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,17 +273,18 @@ class RoleBinding:
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> RoleBinding:
-        def ref(key: str, flat: str) -> str:
-            nested = data.get(key)
-            if isinstance(nested, Mapping):
-                return _str(nested, "uid", "id")
-            return _str(data, flat)
+        """Flat fields first, then the hydrated objects (see the module docstring)."""
 
+        def nested(key: str) -> str:
+            value = data.get(key)
+            return _str(value, "uid", "id") if isinstance(value, Mapping) else ""
+
+        uid = _str(data, "uid", "id")
         return cls(
-            uid=_str(data, "uid", "id"),
-            identity_uid=ref("identity", "identityUid"),
-            group_uid=ref("group", "groupUid"),
-            role_uid=ref("role", "roleUid"),
+            uid=uid,
+            identity_uid=_str(data, "identityUid", "identity_uid") or nested("identity"),
+            group_uid=nested("group") or (uid.rsplit("/", 1)[0] if "/" in uid else ""),
+            role_uid=_str(data, "roleUid", "role_uid") or nested("role"),
         )
 
 

@@ -1,0 +1,111 @@
+"""How a pass went, as the conditions say it: pure functions from a pass's end to its ``Health``.
+
+``classify`` turns the exception that ended a pass into a ``Failure``: what phase the resource is in,
+a reason a program can match, a message a person can act on, and whether (and how soon) to try again.
+``health`` adds what a pass that ran to the end still has to say — a service account that does not
+exist yet, a static identity past its renewal time — and otherwise reports Ready. Every branch is in
+``tests/unit/test_health.py``; the reconcile uses these functions and decides nothing of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+from chainguard_identity_operator.chainguard.errors import (
+    APIError,
+    ChainguardError,
+    CredentialsError,
+    InvalidArgument,
+    OutcomeUnknown,
+    PermissionDenied,
+)
+from chainguard_identity_operator.chainguard.types import format_time
+from chainguard_identity_operator.cluster import ClusterError, ConfigMapConflict
+from chainguard_identity_operator.conditions import Health, Phase
+from chainguard_identity_operator.model import SpecError
+
+
+class KeysUnavailable(Exception):
+    """The cluster's JWKS cannot be read and the last good key set is too old to trust."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    health: Health
+    transient: bool  # worth retrying soon with backoff (else: at the next resync or spec change)
+    retry_after: float | None = None
+    ambiguous: bool = False  # a write may have happened: look before writing again
+
+
+FAILURES = (SpecError, ConfigMapConflict, ChainguardError, ClusterError, KeysUnavailable)
+
+
+def classify(exc: Exception, *, operator_identity: str | None = None) -> Failure:
+    """The failure an exception that ended a pass stands for (it must be one of ``FAILURES``)."""
+    if isinstance(exc, SpecError):
+        return Failure(Health(Phase.STALLED, exc.reason, str(exc)), transient=False)
+    if isinstance(exc, ConfigMapConflict):
+        return Failure(Health(Phase.STALLED, "ConfigMapConflict", str(exc)), transient=False)
+    if isinstance(exc, CredentialsError):
+        who = f" for its identity {operator_identity}" if operator_identity else ""
+        message = (
+            f"the operator cannot authenticate to Chainguard: exchanging its own token{who} failed: "
+            f"{exc.message}"
+        )
+        if exc.transient:
+            return Failure(Health(Phase.PROGRESSING, "OperatorCredentialsUnavailable", message), True)
+        return Failure(Health(Phase.STALLED, "OperatorCredentialsFailed", message), transient=True)
+    if isinstance(exc, PermissionDenied):
+        message = f"Chainguard denied the operator: {exc.message}; grant its identity a role in the parent"
+        return Failure(Health(Phase.STALLED, "PermissionDenied", message), transient=True)
+    if isinstance(exc, InvalidArgument):
+        message = f"Chainguard rejected the request: {exc.message}"
+        return Failure(Health(Phase.STALLED, "ChainguardRejected", message), transient=False)
+    if isinstance(exc, OutcomeUnknown):
+        message = f"retrying: {exc}; the next attempt looks before it writes"
+        return Failure(Health(Phase.PROGRESSING, "ChainguardUnavailable", message), True, ambiguous=True)
+    if isinstance(exc, ChainguardError):
+        text = exc.message if isinstance(exc, APIError) else str(exc)
+        health = Health(Phase.PROGRESSING, "ChainguardUnavailable", f"retrying: {text}")
+        return Failure(health, transient=True, retry_after=exc.retry_after)
+    if isinstance(exc, KeysUnavailable):
+        return Failure(Health(Phase.PROGRESSING, "ClusterKeysUnavailable", f"retrying: {exc}"), True)
+    if isinstance(exc, ClusterError):
+        return Failure(Health(Phase.PROGRESSING, "ClusterUnavailable", f"retrying: {exc}"), True)
+    raise exc
+
+
+def ready(identity_id: str, mode: str, roles: int, expires_at: datetime.datetime | None) -> Health:
+    text = f"identity {identity_id} ({mode}) has {roles} role(s) bound"
+    if expires_at is not None:
+        text += f"; keys valid until {format_time(expires_at)}"
+    return Health(Phase.READY, "IdentityReady", text)
+
+
+def service_account_missing(namespace: str, name: str) -> Failure:
+    message = (
+        f"the service account {namespace}/{name} does not exist; the identity is ready for it, but no pod "
+        "can use it until it is created"
+    )
+    return Failure(Health(Phase.PROGRESSING, "ServiceAccountNotFound", message), transient=True)
+
+
+def expiry_emergency(
+    health: Health,
+    expires_at: datetime.datetime | None,
+    renew_before: datetime.timedelta | None,
+    now: datetime.datetime,
+) -> Health:
+    """A failing pass past the renewal time is an emergency: say how long the identity has left."""
+    if health.phase is Phase.READY or expires_at is None or renew_before is None:
+        return health
+    if now < expires_at - renew_before:
+        return health
+    left = expires_at - now
+    if left <= datetime.timedelta(0):
+        message = f"the identity EXPIRED at {format_time(expires_at)} and could not be renewed: "
+    else:
+        hours = int(left.total_seconds() // 3600)
+        message = f"renewal is failing and the identity expires in {hours // 24}d{hours % 24}h: "
+    return Health(health.phase, "RenewalFailing", message + health.message)
