@@ -29,6 +29,7 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
+from chainguard_identity_operator.chainguard.errors import redact
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.crd import GROUP, KIND, PLURAL, VERSION
 from chainguard_identity_operator.facts import ClusterFacts
@@ -108,7 +109,7 @@ def issuer_from_token(path: pathlib.Path) -> str | None:
 
 
 def _api_error(exc: ApiException, what: str) -> ClusterError:
-    reason = exc.reason or "error"
+    reason = redact(exc.reason or "error")  # a reason phrase is the server's text: it may echo a token
     return ClusterError(f"{what}: Kubernetes API answered {exc.status} {reason}", status=exc.status)
 
 
@@ -363,7 +364,7 @@ class ClusterFactsCache:
         try:
             keys = parse_jwks(await self._cluster.jwks())
         except (JWKSError, ClusterError) as exc:
-            error = f"cannot use the cluster's JWKS from /openid/v1/jwks: {exc}"
+            error = redact(f"cannot use the cluster's JWKS from /openid/v1/jwks: {exc}")
             logger.warning("%s", error)
             facts = ClusterFacts(
                 issuer=issuer,

@@ -257,14 +257,18 @@ def build_target(
     role_ids: Mapping[str, str],
     adopted: Identity | None = None,
     name: str | None = None,
+    lineage: Identity | None = None,
 ) -> Target:
     """Resolve the spec against the cluster and settings. Raises ``SpecError`` when it cannot work.
 
-    ``issuer`` is the cluster's discovered issuer (the spec may override it); ``name`` the name of the
-    identity in use when it is not the deterministic one (an adopted identity keeps its own).
+    ``issuer`` is the cluster's discovered issuer (the spec may override it); ``adopted`` an identity
+    being taken over in this pass (checked here); ``lineage`` the identity a resource that adopted one
+    uses now — its kind, not the issuer, decides ``mode: Auto`` in every later pass, or a resync would
+    replace an adopted static identity with a ClaimMatch one; ``name`` the name of the identity in use
+    when it is not the deterministic one (an adopted identity keeps its own).
     """
     issuer = spec.issuer or issuer
-    mode = resolve_mode(spec, issuer, settings, adopted)
+    mode = resolve_mode(spec, issuer, settings, adopted or lineage)
     if adopted is not None:
         kind = Mode.STATIC if adopted.static_keys is not None else Mode.CLAIM_MATCH
         if adopted.static_keys is None and adopted.claim_match is None:
@@ -594,7 +598,9 @@ def fold(
         case CreateIdentity(), Created(identity=created):
             return _switch(observed, created, (), action.replaces, now, grace)
         case TakeSpare(), Taken():
-            spare = next(i for i in observed.retired if i.uid == action.uid)
+            spare = next((i for i in observed.retired if i.uid == action.uid), None)
+            if spare is None:
+                raise ValueError(f"{action.uid} is not a retired identity of this resource")
             bindings = observed.retired_bindings.get(spare.uid, ())
             return _switch(observed, spare, bindings, action.replaces, now, grace)
         case UpdateIdentity(), Updated(identity=updated):
@@ -628,7 +634,12 @@ def fold(
                 observed, stale_config_maps=tuple(n for n in observed.stale_config_maps if n != action.name)
             )
         case DeleteIdentity(), Removed():
+            gone = action.uid
             return dataclasses.replace(
-                observed, retired=tuple(i for i in observed.retired if i.uid != action.uid)
+                observed,
+                retired=tuple(i for i in observed.retired if i.uid != gone),
+                spares=tuple(uid for uid in observed.spares if uid != gone),
+                retire_after={uid: due for uid, due in observed.retire_after.items() if uid != gone},
+                retired_bindings={uid: b for uid, b in observed.retired_bindings.items() if uid != gone},
             )
     raise ValueError(f"{type(result).__name__} is not a result of {type(action).__name__}")

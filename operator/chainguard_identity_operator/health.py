@@ -19,6 +19,8 @@ from chainguard_identity_operator.chainguard.errors import (
     InvalidArgument,
     OutcomeUnknown,
     PermissionDenied,
+    Unauthenticated,
+    redact,
 )
 from chainguard_identity_operator.chainguard.types import format_time
 from chainguard_identity_operator.cluster import ClusterError, ConfigMapConflict
@@ -30,6 +32,10 @@ class KeysUnavailable(Exception):
     """The cluster's JWKS cannot be read and the last good key set is too old to trust."""
 
 
+class NoConvergence(Exception):
+    """A pass needed more actions than any reconcile should: a bug, reported rather than spun on."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Failure:
     health: Health
@@ -38,11 +44,22 @@ class Failure:
     ambiguous: bool = False  # a write may have happened: look before writing again
 
 
-FAILURES = (SpecError, ConfigMapConflict, ChainguardError, ClusterError, KeysUnavailable)
+FAILURES = (SpecError, ConfigMapConflict, ChainguardError, ClusterError, KeysUnavailable, NoConvergence)
 
 
 def classify(exc: Exception, *, operator_identity: str | None = None) -> Failure:
-    """The failure an exception that ended a pass stands for (it must be one of ``FAILURES``)."""
+    """The failure an exception that ended a pass stands for (it must be one of ``FAILURES``).
+
+    Its message goes to status, an event and the log, so anything shaped like a token is scrubbed from
+    it here, whichever server's words it carries (a Kubernetes reason phrase is as untrusted as
+    Chainguard's).
+    """
+    failure = _classify(exc, operator_identity)
+    health = failure.health
+    return dataclasses.replace(failure, health=Health(health.phase, health.reason, redact(health.message)))
+
+
+def _classify(exc: Exception, operator_identity: str | None) -> Failure:
     if isinstance(exc, SpecError):
         return Failure(Health(Phase.STALLED, exc.reason, str(exc)), transient=False)
     if isinstance(exc, ConfigMapConflict):
@@ -54,8 +71,15 @@ def classify(exc: Exception, *, operator_identity: str | None = None) -> Failure
             f"{exc.message}"
         )
         if exc.transient:
-            return Failure(Health(Phase.PROGRESSING, "OperatorCredentialsUnavailable", message), True)
+            health = Health(Phase.PROGRESSING, "OperatorCredentialsUnavailable", message)
+            return Failure(health, transient=True, retry_after=exc.retry_after)
         return Failure(Health(Phase.STALLED, "OperatorCredentialsFailed", message), transient=True)
+    if isinstance(exc, Unauthenticated):
+        message = (
+            f"Chainguard rejected the operator's own API token: {exc.message}; check CGID_IDENTITY and that "
+            "the identity exists"
+        )
+        return Failure(Health(Phase.STALLED, "OperatorUnauthenticated", message), transient=True)
     if isinstance(exc, PermissionDenied):
         message = f"Chainguard denied the operator: {exc.message}; grant its identity a role in the parent"
         return Failure(Health(Phase.STALLED, "PermissionDenied", message), transient=True)
@@ -71,8 +95,13 @@ def classify(exc: Exception, *, operator_identity: str | None = None) -> Failure
         return Failure(health, transient=True, retry_after=exc.retry_after)
     if isinstance(exc, KeysUnavailable):
         return Failure(Health(Phase.PROGRESSING, "ClusterKeysUnavailable", f"retrying: {exc}"), True)
+    if isinstance(exc, ClusterError) and exc.status == 403:
+        message = f"the Kubernetes API denied the operator: {exc}; apply the ClusterRole in deploy/"
+        return Failure(Health(Phase.STALLED, "ClusterForbidden", message), transient=True)
     if isinstance(exc, ClusterError):
         return Failure(Health(Phase.PROGRESSING, "ClusterUnavailable", f"retrying: {exc}"), True)
+    if isinstance(exc, NoConvergence):
+        return Failure(Health(Phase.STALLED, "NotConverging", str(exc)), transient=True)
     raise exc
 
 

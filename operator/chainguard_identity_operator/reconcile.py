@@ -73,7 +73,7 @@ from chainguard_identity_operator.decide import (
     resolve_mode,
 )
 from chainguard_identity_operator.directory import Directory
-from chainguard_identity_operator.health import Failure, KeysUnavailable
+from chainguard_identity_operator.health import Failure, KeysUnavailable, NoConvergence
 from chainguard_identity_operator.jwks import parse_jwks
 from chainguard_identity_operator.model import UIDP, IdentitySpec, Mode, SpecError, parse_spec
 from chainguard_identity_operator.naming import Owner
@@ -290,7 +290,9 @@ async def _observe(
     candidate = (await _existing(ctx, [spec.adopt]))[0:1] if spec.adopt else []
     deterministic = naming.identity_name(settings.cluster_name, spec.namespace, spec.name)
     names = {deterministic, *(i.name for i in candidate), *(i.name for i in recorded)}
-    mode = resolve_mode(spec, spec.issuer or issuer, settings, candidate[0] if candidate else None)
+    # An adopting resource's kind follows what it adopted (and, once that is gone, its successor).
+    lineage = (candidate or recorded)[0] if spec.adopt and (candidate or recorded) else None
+    mode = resolve_mode(spec, spec.issuer or issuer, settings, lineage)
 
     def choose(adopted: Identity | None) -> policy.Selection:
         return policy.select(
@@ -310,7 +312,12 @@ async def _observe(
     selection = choose(None)
     adopted_value, adopting = previous.adopted, None
     inherited = previous.inherited_roles
-    if spec.adopt is not None and spec.adopt != previous.adopted:
+    # status.adopted is only a record: an identity it names that is not (or no longer) ours is adopted
+    # afresh — through the refusal check — so a forged record buys nothing.
+    recorded_adoption = spec.adopt == previous.adopted and (
+        not candidate or policy.claim_of(candidate[0], owner) is policy.Claim.OURS
+    )
+    if spec.adopt is not None and not recorded_adoption:
         current = selection.current
         if not candidate:
             if current is None:
@@ -345,6 +352,9 @@ async def _observe(
             )
             if refusal is not None:
                 raise refusal
+            # Claimed before any await, so a second resource's pass in this process sees the claim
+            # even before the marker is written.
+            ctx.managers[adopting.uid] = owner
             adopted_value = spec.adopt
             inherited = policy.inherited_roles(candidate_bindings, parent, set(role_ids.values()))
             selection = choose(adopting)
@@ -429,6 +439,7 @@ class _Pass:
     events: list[Event] = dataclasses.field(default_factory=list)
     rotated: str | None = None  # why the identity's keys, expiry or ID changed in this pass
     rotation_done: bool = False
+    checkpoint: dict[str, Any] = dataclasses.field(default_factory=dict)  # status written mid-pass
 
 
 async def _perform(ctx: Context, state: _Pass, action: Action) -> Result:
@@ -500,10 +511,11 @@ async def _checkpoint_rotation(ctx: Context, state: _Pass, action: UpdateIdentit
     request = state.resource.rotation_request
     assert request is not None
     pending = RotationPending(request=request, identity_updated_at=_updated_at(state.observed.identity))
-    await ctx.cluster.patch_status(
-        state.resource.ref,
-        {"rotationPending": {"request": pending.request, "identityUpdatedAt": pending.identity_updated_at}},
-    )
+    patch = {
+        "rotationPending": {"request": pending.request, "identityUpdatedAt": pending.identity_updated_at}
+    }
+    await ctx.cluster.patch_status(state.resource.ref, patch)
+    state.checkpoint.update(patch)  # the end-of-pass patch is computed against the status as it now is
 
 
 def _event(action: Action, result: Result) -> Event | None:
@@ -590,6 +602,7 @@ async def reconcile(ctx: Context, resource: Resource) -> Outcome:
             settings=ctx.settings,
             role_ids=role_ids,
             adopted=snapshot.adopting,
+            lineage=snapshot.observed.identity if spec.adopt is not None else None,
             name=snapshot.name if adopted is not None else None,
         )
         if target.mode is Mode.STATIC and target.keys is None:
@@ -643,7 +656,7 @@ async def reconcile(ctx: Context, resource: Resource) -> Outcome:
     return Outcome(
         health=health,
         status=status,
-        patch=status_patch(resource.status, status),
+        patch=status_patch({**resource.status, **(state.checkpoint if state is not None else {})}, status),
         events=tuple(events),
         wake_at=wake_at,
         retry_after=failure.retry_after if failure is not None else None,
@@ -669,7 +682,7 @@ async def _run(ctx: Context, target: Target, state: _Pass) -> None:
         event = _event(action, result)
         if event is not None:
             state.events.append(event)
-    raise RuntimeError(f"reconcile did not converge in {MAX_STEPS} steps")
+    raise NoConvergence(f"the reconcile did not converge in {MAX_STEPS} steps; please report this")
 
 
 def _wake_at(target: Target, observed: Observed, now: datetime.datetime) -> datetime.datetime | None:
@@ -769,6 +782,8 @@ def next_status(
             status = dataclasses.replace(
                 status, rotation_request=resource.rotation_request, rotation_pending=None
             )
+    if health.reason == "AdoptionRefused":
+        status = dataclasses.replace(status, adopted=None)  # a refused adoption is never on record
     conditions = build_conditions(
         [c.to_dict() for c in previous.conditions],
         health,
@@ -881,8 +896,8 @@ async def finalize(ctx: Context, resource: Resource) -> Sequence[Event]:
             "retried with backoff (set spec.deletionPolicy: Orphan to let it go without them)"
         )
         raise DeletionBlocked(message, transient=failure.transient, retry_after=failure.retry_after) from None
-    for uid in owned:
-        ctx.managers.pop(uid, None)
+    for uid in [uid for uid, manager in ctx.managers.items() if manager == owner]:
+        del ctx.managers[uid]
     return events
 
 

@@ -93,13 +93,15 @@ class Runtime:
         sts: STSClient | None = None,
         metrics: Metrics | None = None,
         own_identity: AssumedIdentity | None = None,
+        cluster: ClusterClient | None = None,
     ) -> None:
         self.settings = settings
         self.own_identity = own_identity
         self.metrics = metrics or Metrics()
         self._metrics_server: MetricsServer | None = None
         self.kube_configuration = kube_configuration
-        self.cluster = ClusterClient(kubernetes.client.ApiClient(kube_configuration))
+        # ``cluster`` lets a test put a double of the Kubernetes client in (testkit's MemoryCluster).
+        self.cluster = cluster or ClusterClient(kubernetes.client.ApiClient(kube_configuration))
         clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         self.facts = ClusterFactsCache(self.cluster, settings, clock=clock)
         self.context = Context(

@@ -19,6 +19,7 @@ from typing import Any
 from chainguard_identity_operator.chainguard.types import format_time, parse_time
 
 _UIDP = re.compile(r"^[0-9a-f]{40}(/[0-9a-f]{16})*$")
+MODES = ("Static", "ClaimMatch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,16 +34,17 @@ class Condition:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Condition | None:
         kind, status = _text(data.get("type")), _text(data.get("status"))
-        if kind is None or status is None:
-            return None
+        reason, changed = _text(data.get("reason")), _text(data.get("lastTransitionTime"))
+        if kind is None or status is None or reason is None or changed is None:
+            return None  # not a condition the schema would take: as if it were absent
         generation = data.get("observedGeneration")
         return cls(
             type=kind,
             status=status,
-            reason=_text(data.get("reason")) or "",
-            message=str(data.get("message") or ""),
-            observed_generation=generation if isinstance(generation, int) else 0,
-            last_transition_time=_text(data.get("lastTransitionTime")) or "",
+            reason=reason,
+            message=data["message"] if isinstance(data.get("message"), str) else "",
+            observed_generation=_int(generation) or 0,
+            last_transition_time=changed,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,49 +115,44 @@ class IdentityStatus:
         raw_keys = status.get("keys")
         keys: Mapping[str, Any] = raw_keys if isinstance(raw_keys, Mapping) else {}
         pending = status.get("rotationPending")
-        generation = status.get("observedGeneration")
+        pending_request = _text(pending.get("request")) if isinstance(pending, Mapping) else None
+        pending_at = pending.get("identityUpdatedAt", "") if isinstance(pending, Mapping) else None
+        mode = _text(status.get("mode"))
         return cls(
-            observed_generation=generation if isinstance(generation, int) else None,
-            identity_id=_uidp(status.get("identityId")),
+            observed_generation=_int(status.get("observedGeneration")),
+            identity_id=_identity(status.get("identityId")),
             identity_name=_text(status.get("identityName")),
-            mode=_text(status.get("mode")),
+            mode=mode if mode in MODES else None,
             issuer=_text(status.get("issuer")),
             subject=_text(status.get("subject")),
             audience=_text(status.get("audience")),
             parent=_uidp(status.get("parent")),
             key_fingerprint=_text(keys.get("fingerprint")),
-            key_ids=tuple(k for k in keys.get("keyIds") or () if isinstance(k, str)),
+            key_ids=tuple(_texts(keys.get("keyIds"))),
             expires_at=_time(status.get("expiresAt")),
             renew_at=_time(status.get("renewAt")),
             last_rotated_at=_time(status.get("lastRotatedAt")),
             role_bindings=tuple(
-                BindingRecord(
-                    role=str(item.get("role", "")),
-                    role_id=str(item.get("roleId", "")),
-                    binding_id=str(item.get("bindingId", "")),
-                )
+                BindingRecord(role=role, role_id=role_id, binding_id=binding_id)
                 for item in _items(status.get("roleBindings"))
+                for role in [_text(item.get("role"))]
+                for role_id in [_uidp(item.get("roleId"))]
+                for binding_id in [_uidp(item.get("bindingId"))]
+                if role is not None and role_id is not None and binding_id is not None
             ),
-            inherited_roles=tuple(
-                uid for uid in (_uidp(v) for v in status.get("inheritedRoles") or ()) if uid is not None
-            )
-            if isinstance(status.get("inheritedRoles"), list)
-            else (),
-            adopted=_uidp(status.get("adopted")),
+            inherited_roles=tuple(uid for uid in map(_uidp, _texts(status.get("inheritedRoles"))) if uid),
+            adopted=_identity(status.get("adopted")),
             config_map_name=_text(status.get("configMapName")),
             retiring=tuple(
                 Retiring(uid, when)
                 for item in _items(status.get("retiring"))
-                for uid in [_uidp(item.get("identityId"))]
+                for uid in [_identity(item.get("identityId"))]
                 for when in [_time(item.get("deleteAfter"))]
                 if uid is not None and when is not None
             ),
             rotation_request=_text(status.get("rotationRequest")),
-            rotation_pending=RotationPending(
-                request=str(pending.get("request")),
-                identity_updated_at=str(pending.get("identityUpdatedAt") or ""),
-            )
-            if isinstance(pending, Mapping) and _text(pending.get("request"))
+            rotation_pending=RotationPending(request=pending_request, identity_updated_at=pending_at)
+            if pending_request is not None and isinstance(pending_at, str)
             else None,
             conditions=tuple(
                 c for c in (Condition.from_dict(item) for item in _items(status.get("conditions"))) if c
@@ -363,15 +360,31 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _texts(value: object) -> list[str]:
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, str) and item]
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _uidp(value: object) -> str | None:
     text = _text(value)
     return text if text is not None and _UIDP.fullmatch(text) else None
 
 
+def _identity(value: object) -> str | None:
+    """An identity's UIDP: always a child (an organization or a role is a bare 40-hex root)."""
+    uid = _uidp(value)
+    return uid if uid is not None and "/" in uid else None
+
+
 def _time(value: object) -> datetime.datetime | None:
     try:
         return parse_time(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # RFC 3339 allows times that leave datetime's range in UTC
         return None
 
 

@@ -9,6 +9,12 @@ emulator with audience ``issuer.enforce.dev``) and exchanges it at the emulated 
 The cluster's issuer defaults to a public-looking URL that the Chainguard emulator can reach through
 its ``issuer_routes`` (test DNS), so both ClaimMatch and Static identities work; tests that need a
 cluster-local issuer pass ``issuer=``.
+
+Several clusters can share one Chainguard organization: ``world(shared=first)`` starts a second cluster
+(its own Kubernetes emulator, hence its own ``kube-system`` UID and cluster ID, its own signing keys and
+its own operator) against ``first``'s running Chainguard emulator, organization and clock. Its admin
+bootstraps its own operator identity from its own JWKS, as a second cluster's admin would. The clock is
+one for all, so ``advance`` on either World moves time for both (but wakes only its own operator).
 """
 
 from __future__ import annotations
@@ -358,9 +364,19 @@ async def world(
     start: bool = True,
     settings_overrides: Mapping[str, Any] | None = None,
     chainguard_options: Mapping[str, Any] | None = None,
+    shared: World | None = None,
 ) -> AsyncIterator[World]:
-    """Start both emulators, seed them as an admin would, and (by default) start the operator."""
-    clock = Clock()
+    """Start both emulators, seed them as an admin would, and (by default) start the operator.
+
+    With ``shared``, start only a new cluster and its operator, against ``shared``'s Chainguard emulator,
+    organization and clock (which stay ``shared``'s: they are not stopped here, so nest this world inside
+    ``shared``'s, as ``async with world() as a, world(shared=a) as b``). Each cluster needs its
+    own issuer route, so two routable clusters need two issuers; two clusters on the same cluster-local
+    issuer (``routable=False``, the kubeadm default) are the realistic case.
+    """
+    if shared is not None and chainguard_options:
+        raise ValueError("chainguard_options configure a new Chainguard emulator; a shared one is running")
+    clock = shared.clock if shared is not None else Clock()
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cgid-")))
@@ -368,19 +384,29 @@ async def world(
         async with (
             KubeEmulator(issuer=issuer, clock=clock) as kube,
             kmock.Server(kube) as server,
-            ChainguardEmulator(clock=clock, **dict(chainguard_options or {})) as chainguard,
+            _chainguard(shared, clock, chainguard_options) as chainguard,
         ):
             kube_url = str(server.url).rstrip("/")
             if routable:
+                routed = chainguard.issuer_routes.get(issuer)
+                if routed is not None:
+                    raise ValueError(
+                        f"the Chainguard emulator already routes {issuer} to another cluster ({routed}); "
+                        "give this cluster its own issuer, or routable=False"
+                    )
                 chainguard.issuer_routes[issuer] = kube_url
+                stack.callback(chainguard.issuer_routes.pop, issuer, None)
             kube.install_crd(build_crd())
             for namespace in ("default", "shop", OPERATOR_NAMESPACE):
                 kube.add_namespace(namespace)
             kube.add_service_account(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT)
 
-            org = chainguard.add_group(ORG_NAME, verified=True)
-            for repo in ("python", "nginx", "curl"):
-                chainguard.add_repo(org, repo)
+            if shared is not None:
+                org = shared.org
+            else:
+                org = chainguard.add_group(ORG_NAME, verified=True)
+                for repo in ("python", "nginx", "curl"):
+                    chainguard.add_repo(org, repo)
 
             # The private-cluster bootstrap from the README: the operator's own static identity, made
             # once from the cluster's JWKS, bound as owner in the organization.
@@ -442,3 +468,15 @@ async def world(
                 yield the_world
             finally:
                 await the_world.stop_operator()
+
+
+@contextlib.asynccontextmanager
+async def _chainguard(
+    shared: World | None, clock: Clock, options: Mapping[str, Any] | None
+) -> AsyncIterator[ChainguardEmulator]:
+    """A new Chainguard emulator for this world, or the running one of ``shared`` (left running)."""
+    if shared is not None:
+        yield shared.chainguard
+        return
+    async with ChainguardEmulator(clock=clock, **dict(options or {})) as chainguard:
+        yield chainguard

@@ -3,8 +3,10 @@
 It starts the emulated cluster, the emulated Chainguard and the real operator in one process, applies
 the examples (a ClaimMatch and a Static identity), and prints each identity, its status and ConfigMap,
 then runs the seeds' pod flow — a projected service-account token exchanged at the STS for an API
-token, then the repository list — and shows that another service account's token is refused. Last, it
-fast-forwards time past the static identity's renewal point and shows the rotation.
+token, then the repository list — and shows that another service account's token is refused. Then it
+fast-forwards time past the static identity's renewal point and shows the rotation. Last, a tenant in
+``shop`` tries to adopt the operator's own identity: the sandbox shows the refusal and checks that the
+identity was not touched.
 
 With ``--serve`` it keeps running and prints what ``kubectl`` and ``curl`` need to poke at it.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import datetime
 import logging
 import pathlib
@@ -135,6 +138,9 @@ async def run_sandbox(*, serve: bool, workdir: pathlib.Path | None) -> int:
             renewed = await w.wait_for(own_renewed, timeout=60, what="the operator's own identity to renew")
             expiry = renewed["status"].get("expiresAt")
             _line(f"  the operator's own identity now expires {expiry} (renewed too)")
+            _line()
+
+        ok &= await _refused_adoption(w)
 
         if serve:
             _serve_banner(w)
@@ -166,6 +172,40 @@ async def _rotation(w: World, namespace: str, name: str) -> bool:
     data = await w.config_map(namespace, after["status"]["configMapName"]) or {}
     sa = after["spec"].get("serviceAccountName", "default")
     return await _pod_flow(w, namespace, sa, data["CHAINGUARD_IDENTITY"])
+
+
+def _untouchable(w: World, identity: str) -> dict[str, Any]:
+    """The identity and its role bindings as Chainguard stores them, but for ``lastSeenTime`` (stamped by
+    every token exchange: using an identity is not touching it)."""
+    stored = copy.deepcopy(w.chainguard.identities[identity])
+    stored.pop("lastSeenTime", None)
+    bindings = sorted(
+        (copy.deepcopy(b) for b in w.chainguard.role_bindings.values() if b["identity"]["uid"] == identity),
+        key=lambda b: str(b["uid"]),
+    )
+    return {"identity": stored, "bindings": bindings}
+
+
+async def _refused_adoption(w: World) -> bool:
+    """A tenant in ``shop`` tries to take over the operator's own identity (bound owner); it must fail."""
+    before = _untouchable(w, w.operator_identity)
+    hijack = {
+        "metadata": {"name": "hijack", "namespace": "shop"},
+        "spec": {"parent": w.org, "adopt": w.operator_identity},
+    }
+    await w.apply(hijack)
+    _line("applied shop/hijack: a tenant adopts the operator's own identity")
+    obj = await w.wait_condition("shop", "hijack", "Stalled", "True", timeout=60)
+    stalled = next(c for c in obj["status"]["conditions"] if c["type"] == "Stalled")
+    _line(f"  Stalled      {stalled['reason']}: {stalled['message']}")
+    refused = stalled["reason"] == "AdoptionRefused" and "identityId" not in obj["status"]
+    untouched = _untouchable(w, w.operator_identity) == before
+    denied = (await w.pod_exchange("shop", "default", w.operator_identity)).status_code != 200
+    _line(
+        f"  the operator's identity is {'untouched' if untouched else 'CHANGED (wrong!)'}; the tenant's "
+        f"token is {'refused' if denied else 'ACCEPTED (wrong!)'} for it"
+    )
+    return refused and untouched and denied
 
 
 def _serve_banner(w: World) -> None:

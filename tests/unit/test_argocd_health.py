@@ -27,8 +27,8 @@ from chainguard_identity_operator import conditions, crd
 from chainguard_identity_operator.chainguard.errors import PermissionDenied, ServerError
 from chainguard_identity_operator.cluster import ClusterError, ConfigMapConflict
 from chainguard_identity_operator.conditions import Health, Phase, build_conditions
-from chainguard_identity_operator.model import SpecError
 from chainguard_identity_operator.health import classify
+from chainguard_identity_operator.model import SpecError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HEALTH_LUA = ROOT / "deploy" / "argocd" / "health.lua"

@@ -39,7 +39,9 @@ def uidp(n: int) -> str:
     return f"{ORG}/{n:016x}"
 
 
-def identity(n: int, owner: Owner | None = ME, *, name: str = NAME, age_days: int = 1, description: str = "") -> Identity:
+def identity(
+    n: int, owner: Owner | None = ME, *, name: str = NAME, age_days: int = 1, description: str = ""
+) -> Identity:
     return Identity(
         uid=uidp(n),
         name=name,
@@ -71,7 +73,11 @@ def choose(**kwargs: object) -> object:
 
 
 def test_the_recorded_identity_is_current_and_owned_duplicates_are_retired() -> None:
-    mine, duplicate, older_duplicate = identity(1, age_days=3), identity(2, age_days=2), identity(3, age_days=9)
+    mine, duplicate, older_duplicate = (
+        identity(1, age_days=3),
+        identity(2, age_days=2),
+        identity(3, age_days=9),
+    )
     chosen = choose(listed=(mine, duplicate, older_duplicate), recorded=mine)
     assert chosen.current == mine
     assert {i.uid for i in chosen.retired} == {duplicate.uid, older_duplicate.uid}
@@ -109,7 +115,9 @@ def test_a_published_identity_that_status_retires_does_not_come_back() -> None:
     "forged",
     [
         identity(7, NEIGHBOUR),  # another resource's identity
-        identity(7, Owner("prod", OTHER_CLUSTER, "shop", "puller")),  # another cluster's, same name and object
+        identity(
+            7, Owner("prod", OTHER_CLUSTER, "shop", "puller")
+        ),  # another cluster's, same name and object
         identity(7, None),  # unmarked: made by hand, or the operator's own bootstrap identity
     ],
 )

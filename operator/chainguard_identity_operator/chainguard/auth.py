@@ -25,6 +25,8 @@ import pathlib
 from collections.abc import Callable
 from typing import Protocol
 
+import jwt
+
 from .errors import ChainguardError, CredentialsError, as_credentials_error
 from .sts import STSClient
 from .types import ExchangedToken
@@ -54,6 +56,16 @@ async def _read_token_file(path: pathlib.Path) -> str:
     if not token:
         raise CredentialsError(f"the token file {path} is empty")
     return token
+
+
+def _unexpired(token: str, now: datetime.datetime) -> bool:
+    """Whether a JWT's ``exp`` is still ahead (read without verifying: only to skip a dead token)."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return False
+    exp = claims.get("exp")
+    return isinstance(exp, int | float) and not isinstance(exp, bool) and now.timestamp() < exp
 
 
 class StaticTokenFile:
@@ -101,6 +113,7 @@ class AssumedIdentity:
         self.audience = audience
         self.refresh_margin = refresh_margin
         self._followed: str | None = None
+        self._last_subject: str | None = None  # never logged, never leaves this object
         self._sts = sts
         self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         self._lock = asyncio.Lock()
@@ -127,40 +140,54 @@ class AssumedIdentity:
             now = self._clock()
             if self._cached is not None and self._refresh_at is not None and now < self._refresh_at:
                 return self._cached.token
-            subject_token = await _read_token_file(self.token_path)
-            candidates = list(dict.fromkeys(uid for uid in (self._followed, self.configured) if uid))
+            current = await _read_token_file(self.token_path)
+            # The projected token the last exchange used, while it lives: right after the cluster rotates
+            # its signing keys, the kubelet's new token may be signed by a key the operator has not yet
+            # registered with its own static identity — and only an exchange can register it.
+            previous = self._last_subject if self._last_subject not in (None, current) else None
+            if previous is not None and not _unexpired(previous, now):
+                previous = None
+            subjects = [token for token in (current, previous) if token is not None]
+            identities = list(dict.fromkeys(uid for uid in (self._followed, self.configured) if uid))
             first_error: CredentialsError | None = None
-            for candidate in candidates:
-                try:
-                    exchanged = await self._sts.exchange(
-                        subject_token, audience=self.audience, identity=candidate
-                    )
-                except ChainguardError as error:
-                    # Not the STS's PermissionDenied as such: see the module docstring.
-                    failure = as_credentials_error(
-                        error, f"exchanging the projected token for identity {candidate}"
-                    )
-                    if failure.transient:
-                        raise failure from None  # the STS is down: falling back would not help
-                    first_error = first_error or failure
-                    continue
-                if candidate != self.identity:
-                    logger.info("the operator now authenticates as identity %s", candidate)
-                self.identity = candidate
-                # A token shorter-lived than twice the margin would otherwise be refreshed on every
-                # call; refresh such a token half-way through its remaining life instead.
-                remaining = max(exchanged.expiry - now, datetime.timedelta(0))
-                margin = min(self.refresh_margin, remaining / 2)
-                self._cached = exchanged
-                self._refresh_at = exchanged.expiry - margin
-                logger.debug(
-                    "exchanged the operator's token for identity %s, valid until %s",
-                    candidate,
-                    exchanged.expiry.isoformat(),
-                )
-                return exchanged.token
+            for candidate in identities:
+                for subject_token in subjects:
+                    try:
+                        exchanged = await self._sts.exchange(
+                            subject_token, audience=self.audience, identity=candidate
+                        )
+                    except ChainguardError as error:
+                        # Not the STS's PermissionDenied as such: see the module docstring.
+                        failure = as_credentials_error(
+                            error, f"exchanging the projected token for identity {candidate}"
+                        )
+                        if failure.transient:
+                            raise failure from None  # the STS is down: trying others would not help
+                        first_error = first_error or failure
+                        continue
+                    return self._keep(candidate, subject_token, exchanged, now)
             assert first_error is not None
             raise first_error
+
+    def _keep(
+        self, identity: str, subject_token: str, exchanged: ExchangedToken, now: datetime.datetime
+    ) -> str:
+        if identity != self.identity:
+            logger.info("the operator now authenticates as identity %s", identity)
+        self.identity = identity
+        self._last_subject = subject_token
+        # A token shorter-lived than twice the margin would otherwise be refreshed on every call;
+        # refresh such a token half-way through its remaining life instead.
+        remaining = max(exchanged.expiry - now, datetime.timedelta(0))
+        margin = min(self.refresh_margin, remaining / 2)
+        self._cached = exchanged
+        self._refresh_at = exchanged.expiry - margin
+        logger.debug(
+            "exchanged the operator's token for identity %s, valid until %s",
+            identity,
+            exchanged.expiry.isoformat(),
+        )
+        return exchanged.token
 
     def invalidate(self) -> None:
         self._cached = None
