@@ -1,13 +1,13 @@
 # Two commands do all set-up on a fresh machine (Python 3.11+ and the package registries):
 #   make sandbox   install, then run operator + emulated cluster + emulated Chainguard
 #   make test      install, then run the whole test suite
-# `make lint` runs ruff check, ruff format --check and mypy --strict on the package.
+# `make lint` runs ruff check, ruff format --check, mypy --strict and the import-linter layer contracts.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: sandbox serve test lint crd bench clean
+.PHONY: sandbox serve test controlplane lint crd bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,29 @@ sandbox: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(BIN)/cgid-sandbox --serve --workdir sandbox-state
 
+# The real control plane (kube-apiserver, kube-controller-manager, etcd) is built from the Go module proxy
+# once and cached; with KUBEBUILDER_ASSETS set (setup-envtest's folder) nothing is built. Without Go, a
+# local run warns and skips that tier — under CI (CI=true) it fails.
 test: $(VENV)/.installed
-	$(BIN)/pytest
+	@if [ -n "$$KUBEBUILDER_ASSETS" ]; then \
+		$(BIN)/pytest; \
+	elif dir=$$(bash hack/controlplane/build.sh); then \
+		CGID_CONTROLPLANE_BIN="$$dir" $(BIN)/pytest; \
+	elif [ "$$CI" = "true" ]; then \
+		echo "make test: building the control plane failed" >&2; exit 1; \
+	else \
+		echo "make test: no control plane (see hack/controlplane/README.md); its tests are skipped" >&2; \
+		$(BIN)/pytest; \
+	fi
+
+controlplane:
+	bash hack/controlplane/build.sh
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check operator testkit tests bench
 	$(BIN)/ruff format --check operator testkit tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 crd: $(VENV)/.installed
 	$(BIN)/python -m chainguard_identity_operator.crd > crds/chainguardidentity.yaml

@@ -29,11 +29,12 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
-from chainguard_identity_operator.chainguard.errors import redact
+from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.crd import GROUP, KIND, PLURAL, VERSION
 from chainguard_identity_operator.facts import ClusterFacts
 from chainguard_identity_operator.jwks import JWKSError, parse_jwks
+from chainguard_identity_operator.redaction import redact
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +42,6 @@ COMPONENT = "chainguard-identity-operator"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 API_VERSION = f"{GROUP}/{VERSION}"
 KUBE_SYSTEM = "kube-system"
-
-
-class ClusterError(Exception):
-    """The Kubernetes API answered with an error, or could not be reached. Transient unless said."""
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ConfigMapConflict(Exception):
-    """A ConfigMap with the wanted name exists and belongs to something else; it is left untouched."""
 
 
 @dataclasses.dataclass(frozen=True)

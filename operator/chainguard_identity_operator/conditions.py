@@ -17,7 +17,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from chainguard_identity_operator.chainguard.types import format_time
+from chainguard_identity_operator.timestamps import format_time
 
 READY = "Ready"
 RECONCILING = "Reconciling"

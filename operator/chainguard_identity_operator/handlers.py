@@ -35,8 +35,14 @@ def _runtime(memo: kopf.Memo) -> Runtime:
     return runtime
 
 
-def configure_kopf(settings: kopf.OperatorSettings) -> None:
-    """Our own names for kopf's bookkeeping, and only warnings from kopf as Kubernetes events."""
+def configure_kopf(settings: kopf.OperatorSettings, *, namespaced: bool = False) -> None:
+    """Our own names for kopf's bookkeeping, and only warnings from kopf as Kubernetes events.
+
+    ``namespaced`` (CGID_NAMESPACES is set): the namespaces are exact names, so kopf need not list
+    namespaces to expand patterns — which the RBAC does not grant, and which kopf would otherwise retry
+    for about a minute at every start before falling back to the names as given.
+    """
+    settings.scanning.disabled = namespaced
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -53,9 +59,9 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    configure_kopf(settings)
     if "runtime" not in memo:
         memo["runtime"] = Runtime.from_settings(Settings.from_env(os.environ))
+    configure_kopf(settings, namespaced=bool(_runtime(memo).settings.namespaces))
     await _runtime(memo).start()
 
 

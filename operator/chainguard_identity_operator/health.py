@@ -23,7 +23,7 @@ from chainguard_identity_operator.chainguard.errors import (
     redact,
 )
 from chainguard_identity_operator.chainguard.types import format_time
-from chainguard_identity_operator.cluster import ClusterError, ConfigMapConflict
+from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict
 from chainguard_identity_operator.conditions import Health, Phase
 from chainguard_identity_operator.model import SpecError
 

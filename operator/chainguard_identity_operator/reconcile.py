@@ -33,13 +33,8 @@ from chainguard_identity_operator import naming, policy
 from chainguard_identity_operator.chainguard.client import ChainguardClient
 from chainguard_identity_operator.chainguard.errors import AlreadyExists, InvalidArgument
 from chainguard_identity_operator.chainguard.types import Identity, format_time
-from chainguard_identity_operator.cluster import (
-    ClusterClient,
-    ClusterFactsCache,
-    ConfigMapConflict,
-    ConfigMapState,
-    ObjectRef,
-)
+from chainguard_identity_operator.cluster import ClusterClient, ClusterFactsCache, ConfigMapState, ObjectRef
+from chainguard_identity_operator.cluster_errors import ConfigMapConflict
 from chainguard_identity_operator.conditions import Health, Phase, build_conditions
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.decide import (
@@ -317,6 +312,32 @@ async def _observe(
     recorded_adoption = spec.adopt == previous.adopted and (
         not candidate or policy.claim_of(candidate[0], owner) is policy.Claim.OURS
     )
+    # Adopted before ``status.adopted`` existed: status records the identity, which carries this
+    # resource's (perhaps legacy) marker. It is migrated like any identity of ours, never refused.
+    adopted_before = (
+        spec.adopt is not None
+        and spec.adopt == previous.identity_id
+        and previous.adopted is None
+        and selection.current is not None
+        and selection.current.uid == spec.adopt
+    )
+    if adopted_before:
+        assert selection.current is not None
+        recorded_adoption = True
+        adopted_value = spec.adopt
+        if not inherited:
+            # The old status kept what the operator bound in roleBindings; every other binding of the
+            # identity in the parent was there before the adoption, and is kept as inherited.
+            made = {b.binding_id for b in previous.role_bindings}
+            inherited = tuple(
+                sorted(
+                    {
+                        b.role_uid
+                        for b in await ctx.directory.bindings(selection.current)
+                        if b.group_uid == parent and b.uid not in made and b.role_uid not in role_ids.values()
+                    }
+                )
+            )
     if spec.adopt is not None and not recorded_adoption:
         current = selection.current
         if not candidate:
@@ -532,7 +553,7 @@ def _event(action: Action, result: Result) -> Event | None:
                 return Event("Adopted", f"took over identity {updated.uid} ({updated.name})")
             if action.reason == "migrate":
                 return Event(
-                    "Migrated", f"identity {updated.uid} now carries this cluster's ID in its marker"
+                    "Migrated", f"identity {updated.uid} now carries this cluster's ownership marker"
                 )
             if action.reason in ("renewal", "keys-changed", "forced"):
                 expiry = updated.static_keys.expiration_time if updated.static_keys else None
@@ -891,6 +912,10 @@ async def finalize(ctx: Context, resource: Resource) -> Sequence[Event]:
         failure = healths.classify(exc, operator_identity=ctx.settings.identity)
         for parent in parents:
             ctx.directory.invalidate(parent)
+        if orphan:
+            # Orphan lets the resource go whatever happens: what could not be cleaned up stays, said once.
+            left = f"could not delete this resource's retired identities: {failure.health.message}"
+            return [*events, Event("Orphaned", f"{left}; they are left in Chainguard", True)]
         message = (
             f"cannot delete the Chainguard identities of this resource: {failure.health.message}; it is "
             "retried with backoff (set spec.deletionPolicy: Orphan to let it go without them)"

@@ -28,11 +28,11 @@ from chainguard_identity_operator.chainguard.client import ChainguardClient
 from chainguard_identity_operator.chainguard.sts import STSClient
 from chainguard_identity_operator.cluster import (
     ClusterClient,
-    ClusterError,
     ClusterFactsCache,
     ObjectRef,
     load_kube_configuration,
 )
+from chainguard_identity_operator.cluster_errors import ClusterError
 from chainguard_identity_operator.conditions import Phase
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.metrics import Metrics, MetricsServer

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from chainguard_identity_operator.chainguard.types import format_time, parse_time
+from chainguard_identity_operator.timestamps import format_time, parse_time
 
 _UIDP = re.compile(r"^[0-9a-f]{40}(/[0-9a-f]{16})*$")
 MODES = ("Static", "ClaimMatch")

@@ -67,16 +67,27 @@ async def test_the_rbac_is_least_privilege_on_the_api_server(
         ("get", "configmaps"),
         ("create", "configmaps"),
         ("patch", "configmaps"),
+        ("delete", "configmaps"),  # only a ConfigMap left under an old spec.configMap.name
+        ("get", "serviceaccounts"),
         ("create", "events"),
     ]
     for verb, what in granted:
         assert await can(verb, what), f"the operator cannot {verb} {what}"
+    # The cluster ID: the kube-system namespace, and no other.
+    out = await cluster.kubectl(
+        "auth", "can-i", "get", "namespaces/kube-system", f"--as={OPERATOR_SUBJECT}", check=False
+    )
+    assert out.strip() == "yes", "the operator cannot read the kube-system namespace (its cluster ID)"
+    out = await cluster.kubectl(
+        "auth", "can-i", "get", "namespaces/default", f"--as={OPERATOR_SUBJECT}", check=False
+    )
+    assert out.strip() == "no", "the operator may read other namespaces"
     for url in ("/openid/v1/jwks", "/.well-known/openid-configuration"):
         assert await can("get", url, namespaced=False), f"the operator cannot get {url}"
     refused = [
         ("get", "secrets"),
-        ("delete", "configmaps"),
         ("update", "configmaps"),
+        ("patch", "serviceaccounts"),
         ("get", "chainguardidentities.iam.chainguard.dev"),
         ("create", "chainguardidentities.iam.chainguard.dev"),
         ("delete", "chainguardidentities.iam.chainguard.dev"),

@@ -547,3 +547,49 @@ async def test_a_legacy_identity_found_only_by_name_is_not_adopted() -> None:
         assert stored(w, stray) == before
         assert own not in w.chainguard.identities
         assert await exchange(w, "shop", "default", stray) == 200
+
+
+async def test_an_identity_adopted_before_the_upgrade_stays_adopted_with_the_roles_it_had() -> None:
+    """The operator's own identity, adopted by an operator from before cluster IDs: its status has
+    identityId and the roleBindings that operator made (viewer) — no `adopted`, no `inheritedRoles` —
+    and the identity carries a legacy marker. After the upgrade it is migrated in place, never refused,
+    and it keeps the owner binding it had before the adoption."""
+    async with world(start=False) as w:
+        own = w.operator_identity
+        legacy = (
+            f"managed-by=chainguard-identity-operator cluster=sandbox object={OPERATOR_NAMESPACE}/operator"
+        )
+        w.chainguard.identities[own]["description"] = legacy
+        viewer = w.chainguard.bind(own, w.org, "viewer")  # what the old operator bound for spec.roles
+        owner_role = w.chainguard.builtin_role_uid("owner")
+        viewer_role = w.chainguard.builtin_role_uid("viewer")
+        await w.apply(
+            cr(
+                "operator",
+                namespace=OPERATOR_NAMESPACE,
+                parent=w.org,
+                adopt=own,
+                mode="Static",
+                serviceAccountName=OPERATOR_SERVICE_ACCOUNT,
+                roles=["viewer"],
+                deletionPolicy="Orphan",
+            )
+        )
+        old_status = {
+            "identityId": own,
+            "roleBindings": [{"role": "viewer", "roleId": viewer_role, "bindingId": viewer}],
+        }
+        assert (await forge_status(w, OPERATOR_NAMESPACE, "operator", old_status)).identity_id == own
+        await w.start_operator()
+
+        status = (await w.wait_ready(OPERATOR_NAMESPACE, "operator"))["status"]
+        assert status["identityId"] == own
+        assert status["adopted"] == own
+        assert status["inheritedRoles"] == [owner_role]
+        assert w.owns(w.chainguard.identities[own]["description"], OPERATOR_NAMESPACE, "operator")
+        roles = {b["role"]["uid"] for b in bindings_of(w, own)}
+        assert roles == {owner_role, viewer_role}
+        assert "identity.create" not in w.chainguard.writes()
+        await resync(w, resources=1)
+        assert {b["role"]["uid"] for b in bindings_of(w, own)} == {owner_role, viewer_role}
+        assert await exchange(w, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, own) == 200

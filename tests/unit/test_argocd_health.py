@@ -25,7 +25,7 @@ from celpy.evaluation import CELEvalError
 
 from chainguard_identity_operator import conditions, crd
 from chainguard_identity_operator.chainguard.errors import PermissionDenied, ServerError
-from chainguard_identity_operator.cluster import ClusterError, ConfigMapConflict
+from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict
 from chainguard_identity_operator.conditions import Health, Phase, build_conditions
 from chainguard_identity_operator.health import classify
 from chainguard_identity_operator.model import SpecError

@@ -27,7 +27,7 @@ from chainguard_identity_operator.chainguard.errors import (
     Unauthenticated,
     error_from_response,
 )
-from chainguard_identity_operator.cluster import ClusterError, ConfigMapConflict
+from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict
 from chainguard_identity_operator.conditions import Health, Phase
 from chainguard_identity_operator.health import FAILURES, Failure, KeysUnavailable, NoConvergence, classify
 from chainguard_identity_operator.model import SpecError

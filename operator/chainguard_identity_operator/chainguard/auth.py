@@ -174,6 +174,16 @@ class AssumedIdentity:
     ) -> str:
         if identity != self.identity:
             logger.info("the operator now authenticates as identity %s", identity)
+        if identity != self.configured:
+            # If the ConfigMap it follows were lost, a restart would fall back to CGID_IDENTITY, which is
+            # deleted once replaced: the admin should point the setting at the successor.
+            logger.warning(
+                "the operator's own identity was replaced: it authenticates as %s, but CGID_IDENTITY is %s; "
+                "set CGID_IDENTITY=%s",
+                identity,
+                self.configured,
+                identity,
+            )
         self.identity = identity
         self._last_subject = subject_token
         # A token shorter-lived than twice the margin would otherwise be refreshed on every call;

@@ -42,9 +42,10 @@ from __future__ import annotations
 import datetime
 import email.utils
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
+
+from chainguard_identity_operator.redaction import redact as redact  # re-exported: part of this tree's API
 
 # gRPC status codes by name; the API reports the number in the error body.
 GRPC_CODE_NAMES: Mapping[int, str] = {
@@ -82,25 +83,7 @@ _CODE_FOR_STATUS: Mapping[int, int] = {
     504: 4,
 }
 
-# Anything shaped like a JWT or a piece of one. A JWT's header and payload are base64url JSON
-# objects, so each starts with "eyJ" (base64 for '{"'). Two shapes: three segments of any length
-# (a whole token), or one run of at least ten characters starting with "eyJ" and followed by any
-# number of ".segment" parts (a header alone, header.payload, an unsigned token) — what a server
-# echoes of a token it could not parse. Over-redacting ordinary text is the cheaper mistake.
-_JWT_SHAPED = re.compile(
-    r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*)*"
-    r"|eyJ[A-Za-z0-9_-]{7,}(?:\.[A-Za-z0-9_-]*)*"
-)
 _MAX_MESSAGE = 500
-
-
-def redact(text: str, *secrets: str) -> str:
-    """Replace every given secret and anything JWT-shaped (a whole token or a fragment of one) in
-    ``text`` by ``[REDACTED]``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[REDACTED]")
-    return _JWT_SHAPED.sub("[REDACTED]", text)
 
 
 def _shorten(message: str) -> str:
