@@ -193,8 +193,10 @@ def adoption_refusal(
     return None
 
 
-def inherited_roles(bindings: Iterable[RoleBinding], parent: str, wanted: Collection[str]) -> tuple[str, ...]:
-    """The roles an identity being adopted already holds in ``parent`` beyond the spec's: they are kept,
-    and given to the identities that replace it (the operator's own keeps ``owner`` that way)."""
-    roles = [b.role_uid for b in bindings if b.group_uid == parent and b.role_uid not in wanted]
-    return tuple(sorted(set(roles)))
+def inherited_roles(
+    bindings: Iterable[RoleBinding], parent: str, *, wanted: Collection[str]
+) -> tuple[str, ...]:
+    """The roles an adopted identity (or one of its successors) holds in ``parent`` beyond ``wanted``:
+    they are kept, and given to the identities that replace it — the operator's own keeps ``owner``
+    that way. Read from Chainguard's bindings only, so nothing a tenant writes can add to them."""
+    return tuple(sorted({b.role_uid for b in bindings if b.group_uid == parent} - set(wanted)))

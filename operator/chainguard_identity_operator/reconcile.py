@@ -32,7 +32,7 @@ from chainguard_identity_operator import health as healths
 from chainguard_identity_operator import naming, policy
 from chainguard_identity_operator.chainguard.client import ChainguardClient
 from chainguard_identity_operator.chainguard.errors import AlreadyExists, InvalidArgument
-from chainguard_identity_operator.chainguard.types import Identity, format_time
+from chainguard_identity_operator.chainguard.types import Identity, RoleBinding, format_time
 from chainguard_identity_operator.cluster import ClusterClient, ClusterFactsCache, ConfigMapState, ObjectRef
 from chainguard_identity_operator.cluster_errors import ConfigMapConflict
 from chainguard_identity_operator.conditions import Health, Phase, build_conditions
@@ -306,7 +306,7 @@ async def _observe(
 
     selection = choose(None)
     adopted_value, adopting = previous.adopted, None
-    inherited = previous.inherited_roles
+    candidate_bindings: list[RoleBinding] = []
     # status.adopted is only a record: an identity it names that is not (or no longer) ours is adopted
     # afresh — through the refusal check — so a forged record buys nothing.
     recorded_adoption = spec.adopt == previous.adopted and (
@@ -325,19 +325,6 @@ async def _observe(
         assert selection.current is not None
         recorded_adoption = True
         adopted_value = spec.adopt
-        if not inherited:
-            # The old status kept what the operator bound in roleBindings; every other binding of the
-            # identity in the parent was there before the adoption, and is kept as inherited.
-            made = {b.binding_id for b in previous.role_bindings}
-            inherited = tuple(
-                sorted(
-                    {
-                        b.role_uid
-                        for b in await ctx.directory.bindings(selection.current)
-                        if b.group_uid == parent and b.uid not in made and b.role_uid not in role_ids.values()
-                    }
-                )
-            )
     if spec.adopt is not None and not recorded_adoption:
         current = selection.current
         if not candidate:
@@ -377,11 +364,19 @@ async def _observe(
             # even before the marker is written.
             ctx.managers[adopting.uid] = owner
             adopted_value = spec.adopt
-            inherited = policy.inherited_roles(candidate_bindings, parent, set(role_ids.values()))
             selection = choose(adopting)
     current = selection.current
     bindings = await ctx.directory.bindings(current) if current is not None else ()
     retired_bindings = {old.uid: await ctx.directory.bindings(old) for old in selection.retired}
+    inherited: tuple[str, ...] = ()
+    if spec.adopt is not None and adopted_value == spec.adopt:
+        # Roles an adopted identity held are kept and handed to its successors. They are read from
+        # Chainguard — the identities of the lineage and what they are bound to — never from status,
+        # which a tenant may write: status only takes away (a role the operator bound for a spec role
+        # the spec no longer names is not inherited, it is unbound).
+        held = [*candidate_bindings, *bindings, *(b for bs in retired_bindings.values() for b in bs)]
+        made = {record.role_id for record in previous.role_bindings}
+        inherited = policy.inherited_roles(held, parent, wanted={*role_ids.values(), *made})
     own = ctx.own_identities()
     stale: tuple[str, ...] = ()
     if previous.config_map_name and previous.config_map_name != spec.config_map_name:
@@ -756,7 +751,6 @@ def next_status(
         static = identity.static_keys
         fingerprint = registered_fingerprint(static) if static is not None else None
         key_ids = parse_jwks(static.issuer_keys).key_ids if static is not None and fingerprint else ()
-        wanted = {**target.role_ids, **{uid: uid for uid in observed.inherited_roles}}
         marked = policy.claim_of(identity, _owner_of(target)) is policy.Claim.OURS
         status = dataclasses.replace(
             status,
@@ -776,7 +770,7 @@ def next_status(
             last_rotated_at=now if state.rotated else previous.last_rotated_at,
             role_bindings=tuple(
                 BindingRecord(role=role, role_id=role_id, binding_id=binding.uid)
-                for role, role_id in wanted.items()
+                for role, role_id in target.role_ids.items()
                 for binding in observed.bindings
                 if binding.role_uid == role_id and binding.group_uid == target.parent
             ),

@@ -593,3 +593,27 @@ async def test_an_identity_adopted_before_the_upgrade_stays_adopted_with_the_rol
         await resync(w, resources=1)
         assert {b["role"]["uid"] for b in bindings_of(w, own)} == {owner_role, viewer_role}
         assert await exchange(w, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, own) == 200
+
+
+@pytest.mark.parametrize("adopts_itself", [False, True])
+async def test_a_forged_inherited_role_is_never_bound(adopts_itself: bool) -> None:
+    """status.inheritedRoles is a record, not a source: a tenant writing `owner` there gets nothing —
+    also when it claims to have adopted its own identity (an adoption the admin allowed everywhere)."""
+    async with world(settings_overrides={"adoption_namespaces": ("*",)}) as w:
+        await w.apply(cr("greedy", namespace="default", parent=w.org))
+        own = (await w.wait_ready("default", "greedy"))["status"]["identityId"]
+        owner_role = w.chainguard.builtin_role_uid("owner")
+        await w.stop_operator()
+        forged: dict[str, Any] = {"inheritedRoles": [owner_role]}
+        if adopts_itself:
+            await w.apply(cr("greedy", namespace="default", parent=w.org, adopt=own))
+            forged["adopted"] = own
+        assert (await forge_status(w, "default", "greedy", forged)).inherited_roles == (owner_role,)
+        await w.start_operator()
+        await resync(w, resources=1)
+        await w.wait_ready("default", "greedy")
+        roles = {b["role"]["uid"] for b in bindings_of(w, own)}
+        assert owner_role not in roles
+        assert roles == {w.chainguard.builtin_role_uid("registry.pull")}
+        status = (await w.get("default", "greedy") or {})["status"]
+        assert owner_role not in status.get("inheritedRoles", [])  # the record is corrected, too

@@ -2057,7 +2057,7 @@ def test_loop_adopting_a_hand_made_identity_keeps_its_owner_role(settings: Setti
     world.put(hand_made, OWNER_ROLE, ROLE_IDS["apk.pull"])
     world.bind(CURRENT, OWNER_ROLE, OTHER_ORG)  # another organization: not ours to judge
     wanted = set(ROLE_IDS[r] for r in ("registry.pull", "viewer"))
-    inherited = policy.inherited_roles(world.bindings_of(CURRENT), ORG, wanted)
+    inherited = policy.inherited_roles(world.bindings_of(CURRENT), ORG, wanted=wanted)
     assert inherited == tuple(sorted({OWNER_ROLE, ROLE_IDS["apk.pull"]}))
     memory = Memory(inherited_roles=(OWNER_ROLE,))  # say the admin kept only owner
     adopting = make_target(

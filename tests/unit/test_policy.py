@@ -262,4 +262,4 @@ def test_inherited_roles_are_the_parent_bindings_beyond_the_spec() -> None:
         RoleBinding(uid="b2", identity_uid=uidp(5), group_uid=ORG, role_uid=VIEWER),
         RoleBinding(uid="b3", identity_uid=uidp(5), group_uid=f"{ORG}/{'a' * 16}", role_uid=PULL),
     )
-    assert inherited_roles(bindings, ORG, {VIEWER}) == (OWNER_ROLE,)
+    assert inherited_roles(bindings, ORG, wanted={VIEWER}) == (OWNER_ROLE,)
