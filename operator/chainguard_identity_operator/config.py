@@ -87,6 +87,8 @@ class Settings:
     jwks_poll_interval: datetime.timedelta = datetime.timedelta(minutes=5)
     resync_interval: datetime.timedelta = datetime.timedelta(minutes=10)
     request_timeout: datetime.timedelta = datetime.timedelta(seconds=10)
+    # Chainguard API calls in flight at once, across every resource (and as many pooled connections).
+    max_in_flight: int = 20
     max_backoff: datetime.timedelta = datetime.timedelta(minutes=5)
     base_backoff: datetime.timedelta = datetime.timedelta(seconds=2)
     # How long a replaced identity lives on after the ConfigMap names its successor: long enough for
@@ -167,7 +169,7 @@ def _convert(var: str, name: str, raw: str) -> object:
             if lowered in ("false", "0", "no"):
                 return False
             raise ValueError("must be true or false")
-        if name in ("liveness_port", "metrics_port"):
+        if name in ("liveness_port", "metrics_port", "max_in_flight"):
             return int(raw)
     except ValueError as exc:
         raise ConfigurationError(f"{var}: {exc}") from None
@@ -213,3 +215,5 @@ def validate(settings: Settings) -> None:
     for name in ("liveness_port", "metrics_port"):
         if not 0 <= getattr(settings, name) <= 65535:
             fail(name, "must be a port number")
+    if not 1 <= settings.max_in_flight <= 1000:
+        fail("max_in_flight", "must be between 1 and 1000")

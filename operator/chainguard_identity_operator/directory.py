@@ -47,6 +47,7 @@ class Directory:
         self._clock = clock
         self._listings: dict[str, _Listing] = {}
         self._journals: dict[str, list[_Write]] = {}  # writes made while the parent's listing is read
+        self._stale_on_arrival: set[str] = set()  # parents invalidated while their listing was read
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     async def _listing(self, parent: str) -> _Listing:
@@ -68,6 +69,11 @@ class Directory:
             )
             for write in journal:
                 write(listing)
+            if parent in self._stale_on_arrival:
+                # Invalidated while it was being read: it may predate what the invalidation was for,
+                # so it serves the reader that asked, and the next read asks the API again.
+                self._stale_on_arrival.discard(parent)
+                return listing
             self._listings[parent] = listing
             return listing
 
@@ -84,8 +90,11 @@ class Directory:
         return tuple(b for b in listing.bindings.values() if b.identity_uid == identity.uid)
 
     def invalidate(self, parent: str) -> None:
-        """Forget the parent's listing: the next read asks the API (after a write whose outcome is unknown)."""
+        """Forget the parent's listing: the next read asks the API (after a write whose outcome is unknown).
+        A listing being read right now is not kept either."""
         self._listings.pop(parent, None)
+        if parent in self._journals:
+            self._stale_on_arrival.add(parent)
 
     # -- write-through ------------------------------------------------------------------------------
 

@@ -22,11 +22,12 @@ from request headers — so no token can leak through them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from chainguard_identity_operator import health as healths
 from chainguard_identity_operator import naming, policy
@@ -83,6 +84,8 @@ from chainguard_identity_operator.status import (
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 ROTATE_ANNOTATION = "iam.chainguard.dev/rotate"
 MAX_STEPS = 32  # a pass that needs more actions than this has a bug; it stops rather than spin
 LOOKUP_TTL = datetime.timedelta(minutes=10)
@@ -123,19 +126,36 @@ class Outcome:
 
 
 class _Lookups:
-    """Role and organization lookups change rarely; cache them so a resync costs no extra API calls."""
+    """Role and organization lookups change rarely: each answer is cached for ``LOOKUP_TTL``, and a
+    lookup already under way is shared (single flight) — a thousand resources starting at once ask
+    for ``registry.pull`` once, not a thousand times."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], tuple[datetime.datetime, Any]] = {}
+        self._flights: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
-    def get(self, kind: str, key: str, now: datetime.datetime) -> Any:
+    async def once(self, kind: str, key: str, now: datetime.datetime, fetch: Callable[[], Awaitable[T]]) -> T:
         entry = self._entries.get((kind, key))
-        if entry is None or now - entry[0] > LOOKUP_TTL:
-            return None
-        return entry[1]
-
-    def put(self, kind: str, key: str, value: Any, now: datetime.datetime) -> None:
-        self._entries[(kind, key)] = (now, value)
+        if entry is not None and now - entry[0] <= LOOKUP_TTL:
+            value: T = entry[1]
+            return value
+        flight = self._flights.get((kind, key))
+        if flight is not None:
+            return await asyncio.shield(flight)  # one caller's cancellation must not cancel the others'
+        flight = asyncio.get_running_loop().create_future()
+        self._flights[(kind, key)] = flight
+        try:
+            result = await fetch()
+        except BaseException as exc:
+            flight.set_exception(exc)
+            flight.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        else:
+            flight.set_result(result)
+            self._entries[(kind, key)] = (now, result)
+            return result
+        finally:
+            del self._flights[(kind, key)]
 
 
 @dataclasses.dataclass
@@ -175,11 +195,10 @@ class Context:
 async def resolve_parent(ctx: Context, spec: IdentitySpec, now: datetime.datetime) -> str:
     if spec.parent is not None:
         return spec.parent
-    assert spec.parent_name is not None
-    cached = ctx.lookups.get("group", spec.parent_name, now)
-    if isinstance(cached, str):
-        return cached
-    groups = [g for g in await ctx.chainguard.find_groups(spec.parent_name) if g.name == spec.parent_name]
+    name = spec.parent_name
+    assert name is not None
+    answer = await ctx.lookups.once("groups", name, now, lambda: ctx.chainguard.find_groups(name))
+    groups = [g for g in answer if g.name == name]
     if not groups:
         raise SpecError(
             "spec.parentName",
@@ -196,27 +215,20 @@ async def resolve_parent(ctx: Context, spec: IdentitySpec, now: datetime.datetim
             f"{len(groups)} groups are named {spec.parent_name!r}; set spec.parent to the UIDP instead",
             reason="ParentAmbiguous",
         )
-    uid = (preferred or groups)[0].uid
-    ctx.lookups.put("group", spec.parent_name, uid, now)
-    return uid
+    return (preferred or groups)[0].uid
 
 
 async def resolve_role(ctx: Context, role: str, parent: str, now: datetime.datetime) -> str | None:
     """A role name (or UIDP) as the UIDP bound in ``parent``; None when no such role exists."""
     if UIDP.fullmatch(role):
         return role
-    cached = ctx.lookups.get("role", f"{parent}:{role}", now)
-    if isinstance(cached, str):
-        return cached
-    found = [r for r in await ctx.chainguard.find_roles(role) if r.name == role]
+    answer = await ctx.lookups.once("roles", role, now, lambda: ctx.chainguard.find_roles(role))
+    found = [r for r in answer if r.name == role]
     # Prefer the built-in role; a custom role counts only if it is defined in the parent or above.
     builtin = [r for r in found if r.builtin]
     custom = [r for r in found if not r.builtin and (parent + "/").startswith(r.uid.rsplit("/", 1)[0] + "/")]
     candidates = builtin or custom
-    if not candidates:
-        return None
-    ctx.lookups.put("role", f"{parent}:{role}", candidates[0].uid, now)
-    return candidates[0].uid
+    return candidates[0].uid if candidates else None
 
 
 async def resolve_roles(

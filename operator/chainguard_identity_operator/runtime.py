@@ -117,7 +117,10 @@ class Runtime:
         self._workers: dict[str, _Worker] = {}
         self._poller: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.facts.on_keys_changed(lambda _old, _new: self.wake_all())
+        # Spread over a tenth of a poll interval, at most 30 s: the new keys reach every identity well
+        # within one poll, and the API sees a ramp, not a wall.
+        spread = min(30.0, settings.jwks_poll_interval.total_seconds() / 10)
+        self.facts.on_keys_changed(lambda _old, _new: self.wake_all(spread=spread))
 
     @classmethod
     def from_settings(
@@ -136,7 +139,11 @@ class Runtime:
             tokens = StaticTokenFile(settings.token_file)
         metrics = Metrics()
         chainguard = ChainguardClient(
-            settings.api_url, tokens, timeout=timeout, on_request=metrics.observe_api_request
+            settings.api_url,
+            tokens,
+            timeout=timeout,
+            on_request=metrics.observe_api_request,
+            max_in_flight=settings.max_in_flight,
         )
         return cls(
             settings,
@@ -235,10 +242,17 @@ class Runtime:
     def wake(self, uid: str) -> None:
         self._in_loop(lambda: self._worker(uid).wake.set())
 
-    def wake_all(self) -> None:
+    def wake_all(self, *, spread: float = 0.0) -> None:
+        """Wake every worker — within ``spread`` seconds, each at a random moment, so that a thousand
+        of them do not call Chainguard in the same instant (a key rotation wakes them all)."""
+
         def wake_everyone() -> None:
+            loop = asyncio.get_running_loop()
             for worker in self._workers.values():
-                worker.wake.set()
+                if spread > 0:
+                    loop.call_later(random.uniform(0, spread), worker.wake.set)
+                else:
+                    worker.wake.set()
 
         self._in_loop(wake_everyone)
 
@@ -264,8 +278,9 @@ class Runtime:
             return float(min(backoff, resync))
         if outcome.wake_at is not None:
             until = (outcome.wake_at - self.context.clock()).total_seconds()
-            return max(0.0, min(until, resync))
-        return resync
+            return max(0.0, min(until, resync * random.uniform(0.9, 1.0)))
+        # Jittered, so resources created together do not resync together forever after.
+        return resync * random.uniform(0.9, 1.0)
 
     async def run_once(self, body: Mapping[str, Any]) -> tuple[Outcome, float]:
         resource = resource_from_body(body)

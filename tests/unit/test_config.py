@@ -54,6 +54,7 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "CGID_ADOPTION_PRIVILEGED": ("yes", True),
     "CGID_MAX_STATIC_LIFETIME": ("720h", datetime.timedelta(days=30)),
     "CGID_JWKS_MAX_STALENESS": ("30m", datetime.timedelta(minutes=30)),
+    "CGID_MAX_IN_FLIGHT": ("50", 50),
 }
 
 
@@ -149,6 +150,8 @@ def test_unknown_variables_are_rejected_by_name() -> None:
         ("CGID_ADOPTION_PRIVILEGED", "maybe"),
         ("CGID_MAX_STATIC_LIFETIME", "0s"),
         ("CGID_JWKS_MAX_STALENESS", "-1m"),
+        ("CGID_MAX_IN_FLIGHT", "0"),
+        ("CGID_MAX_IN_FLIGHT", "many"),
     ],
 )
 def test_bad_values_name_the_variable(var: str, raw: str) -> None:

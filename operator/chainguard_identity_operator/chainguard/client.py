@@ -22,7 +22,10 @@ nothing was done, so re-sending is safe. The token source's own failures are
 :class:`~.errors.CredentialsError`, never an API answer, so a refused STS exchange is never taken
 for that propagation delay; a transient one is retried like a failed read, as nothing was sent.
 
-Sleeping goes through an injected ``sleep`` so tests never wait, and every HTTP try is reported to
+Every request holds a slot of :class:`~.flow.FlowControl` while it is in flight (``max_in_flight``,
+and as many pooled connections), so the pool never queues, and a 429 or 503 with ``Retry-After``
+pauses the whole client for that long. Sleeping goes through an injected ``sleep`` so tests never
+wait, and every HTTP try is reported to
 an optional ``on_request`` hook (for metrics) with its route template, never its concrete path.
 Errors are those of :mod:`.errors`; the bearer token is only ever put in a request header, never in
 a log line, an exception or ``repr``.
@@ -56,6 +59,7 @@ from .errors import (
     as_credentials_error,
     error_from_response,
 )
+from .flow import DEFAULT_LIMIT, FlowControl
 from .types import Group, Identity, Role, RoleBinding
 
 logger = logging.getLogger(__name__)
@@ -169,16 +173,21 @@ class ChainguardClient:
         retry: RetryPolicy = RetryPolicy(),
         on_request: RequestHook | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        max_in_flight: int = DEFAULT_LIMIT,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self.retry = retry
         self._tokens = tokens
         self._on_request = on_request
         self._sleep = sleep
+        self.flow = FlowControl(max_in_flight, sleep=sleep)
+        # As many connections as calls may be in flight: no request ever waits inside the pool.
+        limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
         self._http = httpx.AsyncClient(
             base_url=self.api_url,
             transport=transport,
             timeout=httpx.Timeout(timeout),
+            limits=limits,
             follow_redirects=False,
             headers={"Accept": "application/json"},
         )
@@ -394,7 +403,10 @@ class ChainguardClient:
                     raise
                 delay = policy.delay(failures, error.retry_after)
             logger.debug("%s %s: retrying in %.2fs (attempt %d)", method, route, delay, attempt)
+            paused = self.flow.paused_for()
             await self._sleep(delay)
+            if paused:
+                self.flow.waited(delay)
 
     async def _send(
         self,
@@ -414,13 +426,14 @@ class ChainguardClient:
             # of the API to this request.
             raise as_credentials_error(error, "the token source failed") from None
         try:
-            response = await self._http.request(
-                method,
-                path,
-                params=query,
-                json=body,
-                headers={"Authorization": f"Bearer {token}"},
-            )
+            async with self.flow.slot():
+                response = await self._http.request(
+                    method,
+                    path,
+                    params=query,
+                    json=body,
+                    headers={"Authorization": f"Bearer {token}"},
+                )
         except httpx.RequestError as exc:
             self._report(method, route, None, attempt)
             # httpx's exception carries the request and its Authorization header: keep only its kind.
@@ -437,6 +450,9 @@ class ChainguardClient:
                 secrets=(token,),
             )
             status = response.status_code
+            if status in (429, 503) and answer.retry_after is not None:
+                # The server asked every caller to wait, not this one alone.
+                self.flow.pause(min(answer.retry_after, self.retry.max_delay))
             if write and status >= 500 and status not in _NOT_AMBIGUOUS_5XX:
                 raise OutcomeUnknown(request, f"HTTP {status}", status=status) from answer
             raise answer

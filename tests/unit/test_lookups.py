@@ -1,0 +1,65 @@
+"""Role and organization lookups: cached, and shared while under way (single flight)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+
+import pytest
+
+from chainguard_identity_operator.chainguard.types import Role
+from chainguard_identity_operator.cli import quiet_http_logs
+from chainguard_identity_operator.reconcile import LOOKUP_TTL, _Lookups
+
+NOW = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.UTC)
+
+
+async def test_a_thousand_concurrent_lookups_of_one_role_ask_once() -> None:
+    lookups, gate, calls = _Lookups(), asyncio.Event(), []
+
+    async def fetch() -> list[Role]:
+        calls.append(1)
+        await gate.wait()
+        return [Role(uid="1" * 40, name="registry.pull")]
+
+    waiting = [asyncio.create_task(lookups.once("roles", "registry.pull", NOW, fetch)) for _ in range(1000)]
+    await asyncio.sleep(0)  # let every task reach the lookup; the assertion is on the calls made
+    gate.set()
+    answers = await asyncio.gather(*waiting)
+    assert len(calls) == 1
+    assert {answer[0].uid for answer in answers} == {"1" * 40}
+    # Cached for the TTL, then asked again.
+    await lookups.once("roles", "registry.pull", NOW + LOOKUP_TTL, fetch)
+    assert len(calls) == 1
+    await lookups.once("roles", "registry.pull", NOW + LOOKUP_TTL + datetime.timedelta(seconds=1), fetch)
+    assert len(calls) == 2
+
+
+async def test_a_failed_lookup_fails_its_waiters_and_is_not_cached() -> None:
+    lookups, gate, calls = _Lookups(), asyncio.Event(), []
+
+    async def failing() -> list[Role]:
+        calls.append(1)
+        await gate.wait()
+        raise RuntimeError("the API said no")
+
+    waiting = [asyncio.create_task(lookups.once("roles", "viewer", NOW, failing)) for _ in range(3)]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert len(calls) == 1
+
+    async def working() -> list[Role]:
+        return []
+
+    assert await lookups.once("roles", "viewer", NOW, working) == []
+
+
+@pytest.mark.parametrize(("level", "quiet"), [("INFO", True), ("WARNING", True), ("DEBUG", False)])
+def test_request_lines_are_logged_only_at_debug(level: str, quiet: bool) -> None:
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    quiet_http_logs(level)
+    assert (logging.getLogger("httpx").level == logging.WARNING) is quiet
