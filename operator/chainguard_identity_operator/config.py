@@ -36,6 +36,7 @@ _CLUSTER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 _CLUSTER_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_GROUP_UIDP = re.compile(r"^[0-9a-f]{40}(/[0-9a-f]{16})*$")
 _IDENTITY_UIDP = re.compile(r"^[0-9a-f]{40}(/[0-9a-f]{16})+$")  # an identity is always a child
 
 
@@ -76,6 +77,9 @@ class Settings:
 
     # Policy.
     allowed_roles: tuple[str, ...] = DEFAULT_ALLOWED_ROLES
+    # Groups (UIDPs) a resource may make identities in, with their folders; empty: any group the
+    # operator's own identity may write to.
+    allowed_parents: tuple[str, ...] = ()
     namespaces: tuple[str, ...] = ()  # empty: the whole cluster
     # Where spec.adopt is honoured: empty means the operator's own namespace only; "*" every namespace.
     adoption_namespaces: tuple[str, ...] = ()
@@ -150,7 +154,7 @@ _DURATIONS = {
     "jwks_max_staleness",
 }
 _PATHS = {"identity_token_path", "token_file", "kubeconfig", "service_account_token_path"}
-_LISTS = {"allowed_roles", "namespaces", "public_issuer_hosts", "adoption_namespaces"}
+_LISTS = {"allowed_roles", "namespaces", "public_issuer_hosts", "adoption_namespaces", "allowed_parents"}
 _BOOLS = {"issuer_public", "adoption_privileged"}
 
 
@@ -188,6 +192,9 @@ def validate(settings: Settings) -> None:
         settings.identity_config_map
     ):
         fail("identity_config_map", "must be a ConfigMap name")
+    for group in settings.allowed_parents:
+        if not _GROUP_UIDP.fullmatch(group):
+            fail("allowed_parents", f"{group!r} is not a group UIDP")
     for namespace in settings.adoption_namespaces:
         if namespace != "*" and not _DNS_LABEL.fullmatch(namespace):
             fail("adoption_namespaces", f"{namespace!r} is not a namespace name (or *)")

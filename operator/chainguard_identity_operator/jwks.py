@@ -73,3 +73,10 @@ def parse_jwks(raw: str | bytes | Mapping[str, Any]) -> KeySet:
     fingerprint = "sha256:" + hashlib.sha256(document.encode()).hexdigest()
     key_ids = tuple(sorted(str(item["kid"]) for item in public if "kid" in item))
     return KeySet(document=document, fingerprint=fingerprint, key_ids=key_ids)
+
+
+def public_keys(keys: KeySet) -> frozenset[str]:
+    """Each public key of the set as canonical JSON: two sets share a key when these intersect."""
+    return frozenset(
+        json.dumps(key, sort_keys=True, separators=(",", ":")) for key in json.loads(keys.document)["keys"]
+    )

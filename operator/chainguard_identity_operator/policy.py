@@ -27,10 +27,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from chainguard_identity_operator import naming
 from chainguard_identity_operator.chainguard.types import Identity, RoleBinding
+from chainguard_identity_operator.jwks import JWKSError, parse_jwks, public_keys
 from chainguard_identity_operator.model import SpecError
 from chainguard_identity_operator.naming import Owner
 
@@ -81,13 +82,15 @@ def select(
     now: datetime.datetime,
     grace: datetime.timedelta,
     adopted: Identity | None = None,
+    legacy_ok: Callable[[Identity], bool] = lambda _identity: False,
 ) -> Selection:
     """Choose the current identity and the ones to retire.
 
     ``listed`` are the identities of the target parent; ``recorded`` the one status names (if it still
     exists); ``retiring_found`` the ones status lists as retiring that still exist (in any parent);
     ``adopted`` an identity being taken over now (already checked by ``adoption_refusal``): it becomes
-    current, and whatever the resource used before is retired.
+    current, and whatever the resource used before is retired. ``legacy_ok`` says whether an identity
+    with a legacy marker shows this cluster's evidence (``legacy_evidence``).
     """
     ignored: list[str] = []
     recorded_ids = {recorded.uid} if recorded is not None else set()
@@ -95,9 +98,11 @@ def select(
 
     def owned(identity: Identity) -> bool:
         claim = claim_of(identity, owner)
-        # A legacy marker proves nothing by itself (another cluster may share the name): only the
-        # resource's own record of the identity makes it ours.
-        return claim is Claim.OURS or (claim is Claim.LEGACY and identity.uid in recorded_ids)
+        # A legacy marker proves nothing by itself (another cluster may share the name), and neither
+        # does status (a tenant may write it): the record and this cluster's own evidence together do.
+        return claim is Claim.OURS or (
+            claim is Claim.LEGACY and identity.uid in recorded_ids and legacy_ok(identity)
+        )
 
     def _spare(identity: Identity) -> bool:
         # Never published (not recorded anywhere), and of the name and kind the resource wants.
@@ -154,12 +159,14 @@ def adoption_refusal(
     operator_identities: Collection[str],
     privileged_allowed: bool,
     managers: Mapping[str, Owner] | None = None,
+    legacy_ours: bool = False,
 ) -> SpecError | None:
     """Why ``owner`` may not adopt ``candidate`` (None: it may).
 
     ``candidate_roles`` are the role UIDPs the candidate is bound to anywhere; ``allowed_role_ids`` the
     UIDPs of the operator's allow-list; ``operator_identities`` the identities the operator
     authenticates as. ``managers`` may name a resource already managing the candidate by other means.
+    ``legacy_ours``: the candidate's legacy marker names this resource and ``legacy_evidence`` holds.
     """
 
     def refuse(message: str) -> SpecError:
@@ -177,7 +184,7 @@ def adoption_refusal(
             "may adopt it"
         )
     claim = claim_of(candidate, owner)
-    if claim is Claim.FOREIGN or claim is Claim.LEGACY:
+    if claim is Claim.FOREIGN or (claim is Claim.LEGACY and not legacy_ours):
         marked = naming.parse_marker(candidate.description)
         assert marked is not None
         return refuse(f"identity {candidate.uid} is managed by {marked.describe()}")
@@ -200,3 +207,56 @@ def inherited_roles(
     they are kept, and given to the identities that replace it — the operator's own keeps ``owner``
     that way. Read from Chainguard's bindings only, so nothing a tenant writes can add to them."""
     return tuple(sorted({b.role_uid for b in bindings if b.group_uid == parent} - set(wanted)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """What only this cluster can show about an identity made for it: the issuer it trusts (when no
+    other cluster can share it) and the public keys this cluster signs with."""
+
+    issuer: str
+    issuer_unique: bool  # a public issuer (GKE, EKS, ...) names one cluster; kubernetes.default.svc names any
+    public_keys: frozenset[str]  # canonical JSON of each key of this cluster's last good JWKS
+
+
+def legacy_evidence(identity: Identity, owner: Owner, evidence: Evidence | None) -> bool | None:
+    """Whether an identity with a legacy marker (no cluster ID) was made for this cluster: its trust is
+    this cluster's — a static identity holding a key this cluster signs with, for this issuer and a
+    service account of the resource's namespace; a claim-match one trusting this cluster's own public
+    issuer. None when it cannot be told (the cluster's keys are not known right now)."""
+    subject_prefix = f"system:serviceaccount:{owner.namespace}:"
+    static = identity.static_keys
+    if static is not None:
+        if evidence is None or not evidence.public_keys:
+            return None
+        try:
+            registered = public_keys(parse_jwks(static.issuer_keys))
+        except JWKSError:
+            return False
+        return (
+            static.issuer == evidence.issuer
+            and static.subject.startswith(subject_prefix)
+            and bool(registered & evidence.public_keys)
+        )
+    claim = identity.claim_match
+    if claim is not None:
+        if evidence is None:
+            return None
+        return (
+            evidence.issuer_unique
+            and claim.issuer == evidence.issuer
+            and claim.subject.startswith(subject_prefix)
+        )
+    return False
+
+
+def parent_refusal(parent: str, allowed: Collection[str], field: str) -> SpecError | None:
+    """Why identities may not be made in ``parent`` (None: they may). ``allowed`` are the groups a
+    cluster admin lists in CGID_ALLOWED_PARENTS — each with its folders; empty allows any group."""
+    if not allowed or any(parent == group or parent.startswith(group + "/") for group in allowed):
+        return None
+    return SpecError(
+        field,
+        f"the operator makes identities only in {', '.join(sorted(allowed))} (CGID_ALLOWED_PARENTS), not in {parent}",
+        reason="ParentNotAllowed",
+    )

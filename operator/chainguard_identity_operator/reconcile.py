@@ -32,7 +32,12 @@ from typing import Any, TypeVar
 from chainguard_identity_operator import health as healths
 from chainguard_identity_operator import naming, policy
 from chainguard_identity_operator.chainguard.client import ChainguardClient
-from chainguard_identity_operator.chainguard.errors import AlreadyExists, InvalidArgument
+from chainguard_identity_operator.chainguard.errors import (
+    AlreadyExists,
+    APIError,
+    ChainguardError,
+    InvalidArgument,
+)
 from chainguard_identity_operator.chainguard.types import Identity, RoleBinding, format_time
 from chainguard_identity_operator.cluster import ClusterClient, ClusterFactsCache, ConfigMapState, ObjectRef
 from chainguard_identity_operator.cluster_errors import ConfigMapConflict
@@ -64,13 +69,14 @@ from chainguard_identity_operator.decide import (
     decide,
     fold,
     forced_rotation,
+    issuer_is_public,
     registered_fingerprint,
     renewal_due_at,
     resolve_mode,
 )
 from chainguard_identity_operator.directory import Directory
 from chainguard_identity_operator.health import Failure, KeysUnavailable, NoConvergence
-from chainguard_identity_operator.jwks import parse_jwks
+from chainguard_identity_operator.jwks import KeySet, parse_jwks, public_keys
 from chainguard_identity_operator.model import UIDP, IdentitySpec, Mode, SpecError, parse_spec
 from chainguard_identity_operator.naming import Owner
 from chainguard_identity_operator.status import (
@@ -88,6 +94,7 @@ T = TypeVar("T")
 
 ROTATE_ANNOTATION = "iam.chainguard.dev/rotate"
 MAX_STEPS = 32  # a pass that needs more actions than this has a bug; it stops rather than spin
+MAX_RETIRING = 20  # of the identities status lists as retiring, at most this many are looked at
 LOOKUP_TTL = datetime.timedelta(minutes=10)
 
 
@@ -281,12 +288,33 @@ async def _observe(
     issuer: str,
     role_ids: Mapping[str, str],
     now: datetime.datetime,
+    evidence: policy.Evidence | None,
 ) -> _Snapshot:
     settings = ctx.settings
     listed = await ctx.directory.identities(parent)
-    recorded = (await _existing(ctx, [previous.identity_id]))[0:1] if previous.identity_id else []
-    recorded_retiring = {r.identity_id: r.delete_after for r in previous.retiring}
+    # Status is the tenant's to write: only identities under this resource's parents are looked at, and
+    # only a few, so a forged list costs the API nothing worth mentioning.
+    parents = {parent, *([previous.parent] if previous.parent else [])}
+
+    def plausible(uid: str | None) -> bool:
+        return uid is not None and uid.rsplit("/", 1)[0] in parents
+
+    recorded_id = previous.identity_id if plausible(previous.identity_id) else None
+    recorded = (await _existing(ctx, [recorded_id]))[0:1] if recorded_id else []
+    recorded_retiring = {
+        r.identity_id: r.delete_after for r in previous.retiring[:MAX_RETIRING] if plausible(r.identity_id)
+    }
     retiring_found = await _existing(ctx, recorded_retiring)
+
+    def legacy_ok(identity: Identity) -> bool:
+        verdict = policy.legacy_evidence(identity, owner, evidence)
+        if verdict is None:
+            raise KeysUnavailable(
+                f"identity {identity.uid} carries a marker from before cluster IDs; telling whether it is "
+                "this cluster's needs the cluster's keys, which cannot be read right now"
+            )
+        return verdict
+
     config_map = await ctx.cluster.read_config_map(resource.ref, spec.config_map_name)
     if config_map is not None and not config_map.owned:
         raise ConfigMapConflict(
@@ -314,6 +342,7 @@ async def _observe(
             now=now,
             grace=settings.replacement_grace,
             adopted=adopted,
+            legacy_ok=legacy_ok,
         )
 
     selection = choose(None)
@@ -325,7 +354,8 @@ async def _observe(
         not candidate or policy.claim_of(candidate[0], owner) is policy.Claim.OURS
     )
     # Adopted before ``status.adopted`` existed: status records the identity, which carries this
-    # resource's (perhaps legacy) marker. It is migrated like any identity of ours, never refused.
+    # resource's legacy marker and this cluster's evidence (``select`` checked both). It goes through the
+    # adoption rule again — where it may be adopted, what roles it may hold — with that marker as ours.
     adopted_before = (
         spec.adopt is not None
         and spec.adopt == previous.identity_id
@@ -333,10 +363,6 @@ async def _observe(
         and selection.current is not None
         and selection.current.uid == spec.adopt
     )
-    if adopted_before:
-        assert selection.current is not None
-        recorded_adoption = True
-        adopted_value = spec.adopt
     if spec.adopt is not None and not recorded_adoption:
         current = selection.current
         if not candidate:
@@ -369,6 +395,7 @@ async def _observe(
                 },
                 privileged_allowed=settings.adoption_privileged,
                 managers=ctx.managers,
+                legacy_ours=adopted_before,
             )
             if refusal is not None:
                 raise refusal
@@ -423,6 +450,15 @@ async def _observe(
         ignored=selection.ignored,
         name=(adopting.name if adopting else current.name if current is not None else deterministic),
         service_account_exists=service_account,
+    )
+
+
+def _evidence(issuer: str, keys: KeySet | None, settings: Settings) -> policy.Evidence:
+    """This cluster's evidence for identities with a legacy marker (without keys while they are unknown)."""
+    return policy.Evidence(
+        issuer=issuer,
+        issuer_unique=issuer_is_public(issuer, settings),
+        public_keys=public_keys(keys) if keys is not None else frozenset(),
     )
 
 
@@ -482,6 +518,12 @@ async def _perform(ctx: Context, state: _Pass, action: Action) -> Result:
             return Taken()
         case UpdateIdentity():
             if action.reason == "forced":
+                # The checkpoint needs the identity's updateTime as it is now, not as a listing of
+                # minutes ago has it: an edit since then would pass for this write after a crash.
+                fresh = await ctx.chainguard.get_identity(action.uid)
+                if fresh is None:
+                    raise ChainguardError(f"identity {action.uid} is gone; it is made again next")
+                state.observed = dataclasses.replace(state.observed, identity=fresh)
                 await _checkpoint_rotation(ctx, state, action)
             try:
                 updated = await ctx.chainguard.update_identity(action.uid, action.identity, action.mask)
@@ -513,8 +555,6 @@ async def _perform(ctx: Context, state: _Pass, action: Action) -> Result:
         case WriteConfigMap():
             await ctx.cluster.write_config_map(ref, action.name, action.data, state.config_map)
             state.config_map = ConfigMapState(data=dict(action.data), owned=True)
-            if ref.namespace == ctx.settings.operator_namespace:
-                ctx.on_published(ref.namespace, action.name, action.data["CHAINGUARD_IDENTITY"])
             return Written()
         case DeleteConfigMap():
             await ctx.cluster.delete_config_map(ref, action.name)
@@ -616,11 +656,19 @@ async def reconcile(ctx: Context, resource: Resource) -> Outcome:
         spec = parse_spec(resource.ref.namespace, resource.ref.name, resource.spec, ctx.settings)
         facts = await ctx.facts.get()
         parent = await resolve_parent(ctx, spec, now)
+        refusal = policy.parent_refusal(
+            parent, ctx.settings.allowed_parents, "spec.parent" if spec.parent else "spec.parentName"
+        )
+        if refusal is not None:
+            raise refusal
         role_ids = await resolve_roles(ctx, spec, parent, now)
-        snapshot = await _observe(ctx, resource, spec, previous, owner, parent, facts.issuer, role_ids, now)
+        keys = facts.usable_keys(now, ctx.settings.jwks_max_staleness)
+        evidence = _evidence(spec.issuer or facts.issuer, keys, ctx.settings)
+        snapshot = await _observe(
+            ctx, resource, spec, previous, owner, parent, facts.issuer, role_ids, now, evidence
+        )
         notes.extend(_observation_events(previous, snapshot))
         adopted = snapshot.adopting or (snapshot.observed.identity if snapshot.adopted else None)
-        keys = facts.usable_keys(now, ctx.settings.jwks_max_staleness)
         target = build_target(
             spec,
             owner=owner,
@@ -647,13 +695,16 @@ async def reconcile(ctx: Context, resource: Resource) -> Outcome:
             resource=resource, spec=spec, observed=snapshot.observed, config_map=snapshot.config_map, now=now
         )
         await _run(ctx, target, state)
+        published = (state.observed.config_map or {}).get("CHAINGUARD_IDENTITY")
+        if published and resource.ref.namespace == ctx.settings.operator_namespace:
+            # Every pass, not only when written: if the answer to that write was lost, the operator
+            # must still follow its own identity to where the ConfigMap says it went.
+            ctx.on_published(resource.ref.namespace, target.config_map_name, published)
         wake_at = _wake_at(target, state.observed, now)
         if not snapshot.service_account_exists:
             failure = healths.service_account_missing(spec.namespace, spec.service_account_name)
     except healths.FAILURES as exc:
         failure = healths.classify(exc, operator_identity=ctx.settings.identity)
-        if failure.ambiguous and parent is not None:
-            ctx.directory.invalidate(parent)
     if state is not None and state.observed.identity is not None:
         ctx.managers[state.observed.identity.uid] = owner
     health = _health(failure, target, state, previous, spec, now)
@@ -702,7 +753,16 @@ async def _run(ctx: Context, target: Target, state: _Pass) -> None:
             "%s/%s: %s", state.resource.ref.namespace, state.resource.ref.name, type(action).__name__
         )
         was_forced = state.observed.force_rotation
-        result = await _perform(ctx, state, action)
+        try:
+            result = await _perform(ctx, state, action)
+        except BaseException as exc:
+            # Its outcome unknown, or cancelled in flight (kopf stops a worker when its object is
+            # deleted): the write may have committed, so nothing may trust the listing of before it —
+            # not the next pass, not the finalizer about to run. An API's error answer proves nothing
+            # happened.
+            if not isinstance(exc, APIError):
+                ctx.directory.invalidate(target.parent)
+            raise
         state.observed = fold(state.observed, action, result, state.now, ctx.settings.replacement_grace)
         if was_forced and not state.observed.force_rotation:
             state.rotation_done = True
@@ -790,8 +850,10 @@ def next_status(
             # Adoption is on record only once the identity carries our marker: until then, the next
             # pass must take it over again, not forget it.
             adopted=snapshot.adopted if marked else previous.adopted,
+            # The old name is forgotten only once its ConfigMap is gone: if deleting it fails, the
+            # next pass must still know to try again.
             config_map_name=target.config_map_name
-            if observed.config_map is not None
+            if observed.config_map is not None and not observed.stale_config_maps
             else previous.config_map_name,
             retiring=tuple(
                 Retiring(old.uid, observed.retire_after.get(old.uid, now)) for old in observed.retired
@@ -869,17 +931,34 @@ async def finalize(ctx: Context, resource: Resource) -> Sequence[Event]:
         for uid in (previous.parent, resource.spec.get("parent"))
         if isinstance(uid, str) and UIDP.fullmatch(uid)
     }
-    recorded = {uid for uid in (previous.identity_id, *(r.identity_id for r in previous.retiring)) if uid}
-    parents |= {uid.rsplit("/", 1)[0] for uid in recorded}
+    recorded = {
+        uid
+        for uid in (previous.identity_id, *(r.identity_id for r in previous.retiring[:MAX_RETIRING]))
+        if uid and uid.rsplit("/", 1)[0] in parents
+    }
     events: list[Event] = []
     try:
         listed = [
             identity for parent in sorted(parents) for identity in await ctx.directory.identities(parent)
         ]
         owned: dict[str, Identity] = {}
+        evidence: policy.Evidence | None = None
         for identity in [*listed, *await _existing(ctx, recorded)]:
             claim = policy.claim_of(identity, owner)
-            if claim is policy.Claim.OURS or (claim is policy.Claim.LEGACY and identity.uid in recorded):
+            if claim is policy.Claim.LEGACY and identity.uid in recorded:
+                if evidence is None:
+                    facts = await ctx.facts.get()
+                    keys = facts.usable_keys(ctx.clock(), ctx.settings.jwks_max_staleness)
+                    issuer = resource.spec.get("issuer") or facts.issuer
+                    evidence = _evidence(str(issuer), keys, ctx.settings)
+                verdict = policy.legacy_evidence(identity, owner, evidence)
+                if verdict is None:
+                    raise KeysUnavailable(
+                        "the cluster's keys are needed to tell whether a legacy identity is ours"
+                    )
+                if verdict:
+                    owned[identity.uid] = identity
+            elif claim is policy.Claim.OURS:
                 owned[identity.uid] = identity
         keep = {previous.identity_id} if orphan and previous.identity_id else set()
         protected = ctx.own_identities() | ({ctx.settings.identity} if ctx.settings.identity else set())
@@ -904,7 +983,8 @@ async def finalize(ctx: Context, resource: Resource) -> Sequence[Event]:
                 ctx.directory.drop_identity(uid)
                 continue
             claim = policy.claim_of(fresh, owner)
-            if not (claim is policy.Claim.OURS or (claim is policy.Claim.LEGACY and uid in recorded)):
+            legacy = claim is policy.Claim.LEGACY and policy.legacy_evidence(fresh, owner, evidence) is True
+            if not (claim is policy.Claim.OURS or legacy):
                 events.append(
                     Event(
                         "LeftAlone", f"identity {uid} is not marked as this resource's; not deleting it", True

@@ -39,11 +39,10 @@ from chainguard_identity_operator.cluster import (
     API_VERSION,
     KUBE_SYSTEM,
     ClusterClient,
-    ClusterError,
-    ConfigMapConflict,
     ConfigMapState,
     ObjectRef,
 )
+from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.crd import KIND
 from chainguard_identity_operator.reconcile import DeletionBlocked, Outcome

@@ -55,6 +55,13 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "CGID_MAX_STATIC_LIFETIME": ("720h", datetime.timedelta(days=30)),
     "CGID_JWKS_MAX_STALENESS": ("30m", datetime.timedelta(minutes=30)),
     "CGID_MAX_IN_FLIGHT": ("50", 50),
+    "CGID_ALLOWED_PARENTS": (
+        "c95870ebffa72a258df087ea727ee92daf177e29, c95870ebffa72a258df087ea727ee92daf177e29/0123456789abcdef",
+        (
+            "c95870ebffa72a258df087ea727ee92daf177e29",
+            "c95870ebffa72a258df087ea727ee92daf177e29/0123456789abcdef",
+        ),
+    ),
 }
 
 
@@ -151,6 +158,7 @@ def test_unknown_variables_are_rejected_by_name() -> None:
         ("CGID_MAX_STATIC_LIFETIME", "0s"),
         ("CGID_JWKS_MAX_STALENESS", "-1m"),
         ("CGID_MAX_IN_FLIGHT", "0"),
+        ("CGID_ALLOWED_PARENTS", "my-org"),
         ("CGID_MAX_IN_FLIGHT", "many"),
     ],
 )

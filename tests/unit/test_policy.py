@@ -15,9 +15,12 @@ from chainguard_identity_operator.chainguard.types import ClaimMatch, Identity, 
 from chainguard_identity_operator.naming import Owner, identity_description, identity_name
 from chainguard_identity_operator.policy import (
     Claim,
+    Evidence,
     adoption_refusal,
     claim_of,
     inherited_roles,
+    legacy_evidence,
+    parent_refusal,
     select,
 )
 
@@ -139,11 +142,12 @@ def test_a_legacy_marker_counts_only_for_the_identity_status_records() -> None:
     legacy = "managed-by=chainguard-identity-operator cluster=prod object=shop/puller"
     recorded = identity(1, description=legacy)
     found_by_name = identity(2, description=legacy, age_days=9)
-    chosen = choose(listed=(recorded, found_by_name), recorded=recorded)
+    # Both show this cluster's evidence (legacy_ok): only the one status records counts.
+    chosen = choose(listed=(recorded, found_by_name), recorded=recorded, legacy_ok=lambda _identity: True)
     assert chosen.current == recorded
     # Another cluster sharing the name may have made the second one: it is not ours to retire.
     assert chosen.retired == ()
-    unrecorded = choose(listed=(found_by_name,))
+    unrecorded = choose(listed=(found_by_name,), legacy_ok=lambda _identity: True)
     assert unrecorded.current is None
 
 
@@ -263,3 +267,48 @@ def test_inherited_roles_are_the_parent_bindings_beyond_the_spec() -> None:
         RoleBinding(uid="b3", identity_uid=uidp(5), group_uid=f"{ORG}/{'a' * 16}", role_uid=PULL),
     )
     assert inherited_roles(bindings, ORG, wanted={VIEWER}) == (OWNER_ROLE,)
+
+
+def test_parents_are_any_unless_the_admin_lists_some() -> None:
+    assert parent_refusal(ORG, (), "spec.parent") is None
+    folder = f"{ORG}/{'a' * 16}"
+    assert parent_refusal(folder, (ORG,), "spec.parent") is None  # a folder of an allowed group
+    refused = parent_refusal("0" * 40, (ORG,), "spec.parentName")
+    assert refused is not None
+    assert refused.field == "spec.parentName"
+    assert refused.reason == "ParentNotAllowed"
+    assert parent_refusal(ORG, (folder,), "spec.parent") is not None  # not the folder's parent
+
+
+def test_a_legacy_identity_is_ours_only_with_this_cluster_s_evidence() -> None:
+    legacy = "managed-by=chainguard-identity-operator cluster=prod object=shop/puller"
+    public = Evidence(
+        issuer="https://container.googleapis.com/v1/x", issuer_unique=True, public_keys=frozenset()
+    )
+    ours = dataclasses.replace(
+        identity(1, description=legacy),
+        claim_match=ClaimMatch(issuer=public.issuer, subject="system:serviceaccount:shop:default"),
+    )
+    assert legacy_evidence(ours, ME, public) is True
+    theirs = dataclasses.replace(
+        ours,
+        claim_match=ClaimMatch(issuer="https://other.example", subject="system:serviceaccount:shop:default"),
+    )
+    assert legacy_evidence(theirs, ME, public) is False
+    shared = dataclasses.replace(public, issuer_unique=False)  # kubernetes.default.svc: every cluster's
+    assert legacy_evidence(ours, ME, shared) is False
+    other_namespace = dataclasses.replace(
+        ours,
+        claim_match=ClaimMatch(issuer=public.issuer, subject="system:serviceaccount:kube-system:default"),
+    )
+    assert legacy_evidence(other_namespace, ME, public) is False
+    assert legacy_evidence(ours, ME, None) is None
+
+
+def test_a_forged_status_naming_a_legacy_identity_without_evidence_gets_nothing() -> None:
+    legacy = "managed-by=chainguard-identity-operator cluster=prod object=shop/puller"
+    other_cluster = identity(9, description=legacy)
+    chosen = choose(listed=(other_cluster,), recorded=other_cluster, legacy_ok=lambda _identity: False)
+    assert chosen.current is None
+    assert chosen.retired == ()
+    assert chosen.ignored == (other_cluster.uid,)

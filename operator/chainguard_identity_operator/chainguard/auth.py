@@ -163,6 +163,14 @@ class AssumedIdentity:
                         )
                         if failure.transient:
                             raise failure from None  # the STS is down: trying others would not help
+                        if candidate == self._followed and candidate != self.configured:
+                            logger.warning(
+                                "the operator cannot authenticate as the identity it follows, %s (%s); "
+                                "trying CGID_IDENTITY %s",
+                                candidate,
+                                failure.message,
+                                self.configured,
+                            )
                         first_error = first_error or failure
                         continue
                     return self._keep(candidate, subject_token, exchanged, now)
