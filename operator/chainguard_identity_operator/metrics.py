@@ -16,6 +16,7 @@ import collections
 import datetime
 import logging
 import math
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -33,6 +34,14 @@ _HELP = {
     "chainguard_identity_ready": ("gauge", "1 when the ChainguardIdentity is Ready, else 0."),
     "chainguard_identity_reconciles_total": ("counter", "Finished reconcile passes, by outcome."),
     "chainguard_api_requests_total": ("counter", "Chainguard API requests by method, route and status code."),
+    "chainguard_api_in_flight": (
+        "gauge",
+        "Chainguard API requests in flight now (bounded by CGID_MAX_IN_FLIGHT).",
+    ),
+    "chainguard_api_in_flight_peak": (
+        "gauge",
+        "The most Chainguard API requests in flight at once since start.",
+    ),
 }
 
 
@@ -63,6 +72,11 @@ def format_value(value: float) -> str:
 class Metrics:
     def __init__(self) -> None:
         self._values: dict[str, dict[Labels, float]] = collections.defaultdict(dict)
+        self._gauges: dict[str, Callable[[], float]] = {}  # read when rendered
+
+    def gauge(self, metric: str, read: Callable[[], float]) -> None:
+        """A gauge whose value is read from ``read`` whenever the metrics are rendered."""
+        self._gauges[metric] = read
 
     # -- updates ------------------------------------------------------------------------------------
 
@@ -114,6 +128,8 @@ class Metrics:
 
     def value(self, metric: str, **labels: str) -> float | None:
         """One sample, for tests and the sandbox; ``None`` when the series does not exist."""
+        if metric in self._gauges and not labels:
+            return self._gauges[metric]()
         return self._values.get(metric, {}).get(_labels(**labels))
 
     def render(self) -> str:
@@ -121,6 +137,8 @@ class Metrics:
         for metric, (kind, text) in _HELP.items():
             lines.append(f"# HELP {metric} {text}")
             lines.append(f"# TYPE {metric} {kind}")
+            if metric in self._gauges:
+                lines.append(f"{metric} {format_value(self._gauges[metric]())}")
             for key, value in sorted(self._values.get(metric, {}).items()):
                 rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in key)
                 lines.append(f"{metric}{{{rendered}}} {format_value(value)}")

@@ -98,6 +98,8 @@ class Runtime:
         self.settings = settings
         self.own_identity = own_identity
         self.metrics = metrics or Metrics()
+        self.metrics.gauge("chainguard_api_in_flight", lambda: chainguard.flow.in_flight)
+        self.metrics.gauge("chainguard_api_in_flight_peak", lambda: chainguard.flow.peak)
         self._metrics_server: MetricsServer | None = None
         self.kube_configuration = kube_configuration
         # ``cluster`` lets a test put a double of the Kubernetes client in (testkit's MemoryCluster).

@@ -147,3 +147,16 @@ def test_values_render_in_the_text_format(value: float, rendered: str) -> None:
         assert sample[1] == value
     else:
         assert sample[1] != sample[1]  # NaN
+
+
+def test_gauges_read_at_render_time_are_exported() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = Metrics()
+    in_flight = [3]
+    metrics.gauge("chainguard_api_in_flight", lambda: in_flight[0])
+    in_flight[0] = 7
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render())}
+    (sample,) = families["chainguard_api_in_flight"].samples
+    assert sample.value == 7
+    assert metrics.value("chainguard_api_in_flight") == 7
