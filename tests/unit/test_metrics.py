@@ -150,8 +150,6 @@ def test_values_render_in_the_text_format(value: float, rendered: str) -> None:
 
 
 def test_gauges_read_at_render_time_are_exported() -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-
     metrics = Metrics()
     in_flight = [3]
     metrics.gauge("chainguard_api_in_flight", lambda: in_flight[0])
