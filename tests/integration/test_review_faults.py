@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tests.integration.test_tenancy import cr, resync
+from test_tenancy import cr, resync
 
 from cgid_testkit.harness import World
 from chainguard_identity_operator.cluster_errors import ClusterError

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from tests.integration.test_tenancy import bindings_of, cr, forge_status, resync
+from test_tenancy import bindings_of, cr, forge_status, resync
 
 from cgid_testkit.harness import World, world
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 
-from tests.unit.test_directory import NOW, ORG, SlowClient, directory, identity
+from test_directory import NOW, ORG, SlowClient, directory, identity
 
 
 async def test_review_an_invalidation_during_a_listing_makes_the_next_read_ask_again() -> None:
