@@ -35,9 +35,7 @@ SETTINGS = Settings(token_file=pathlib.Path("/dev/null"))  # the defaults an adm
 
 
 @pytest.fixture(scope="module")
-def plane_with_crd(
-    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ControlPlane]:
+def plane_with_crd(control_plane: ControlPlane) -> ControlPlane:
     """The shipped CRD installed and Established, and the table's namespace."""
 
     async def install() -> None:
