@@ -47,6 +47,7 @@ import json
 import logging
 import re
 import secrets
+import ssl
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeGuard, get_args
@@ -521,7 +522,8 @@ class ChainguardEmulator:
     maximum, as the v2 protos say. ``cascade_deletes`` makes deleting an identity delete its role
     bindings; off by default, so tests prove the operator removes its bindings itself.
     ``signing_key`` (RSA) signs the tokens the emulator mints; a fresh one is made when not given
-    (pass one to save the ~0.1 s).
+    (pass one to save the ~0.1 s). ``issuer_ssl`` is what the STS trusts when it fetches an issuer's
+    discovery document and JWKS over https (a real API server's own CA); None: the system's CAs.
     """
 
     def __init__(
@@ -534,6 +536,7 @@ class ChainguardEmulator:
         issuer_routes: Mapping[str, str] | None = None,
         cascade_deletes: bool = False,
         signing_key: rsa.RSAPrivateKey | None = None,
+        issuer_ssl: ssl.SSLContext | None = None,
     ) -> None:
         if expiry_overrun not in get_args(ExpiryOverrun):
             raise ValueError(f"expiry_overrun must be 'refuse' or 'clamp', not {expiry_overrun!r}")
@@ -543,6 +546,7 @@ class ChainguardEmulator:
         self.expiry_overrun: ExpiryOverrun = expiry_overrun
         self.cascade_deletes = cascade_deletes
         self.issuer_routes: dict[str, str] = dict(issuer_routes or {})
+        self.issuer_ssl = issuer_ssl
         self.identities: dict[str, dict[str, Any]] = {}
         self._role_bindings = RoleBindingStore()
         self.groups: dict[str, dict[str, Any]] = {}
@@ -1321,7 +1325,7 @@ class ChainguardEmulator:
         if self._session is None:
             raise RuntimeError("the Chainguard emulator is not started")
         try:
-            async with self._session.get(target) as response:
+            async with self._session.get(target, ssl=self.issuer_ssl or True) as response:
                 if response.status != 200:
                     raise _refuse(f"failed to fetch keys: {url} answered HTTP {response.status}")
                 data = await response.json(content_type=None)

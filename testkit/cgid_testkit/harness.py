@@ -1,14 +1,28 @@
-"""A whole world in one process: the Kubernetes emulator, the Chainguard emulator and the real operator.
+"""A whole world in one process: a Kubernetes API, the Chainguard emulator and the real operator.
 
 ``World`` is what the integration tests and the sandbox run. It seeds Chainguard the way an admin would
 before installing the operator: an organization with a registry, and the operator's own *static*
 identity made from the cluster's JWKS (the private-cluster bootstrap), bound as ``owner``. The operator
-then runs exactly as in a pod: it reads a projected service-account token (minted by the cluster
-emulator with audience ``issuer.enforce.dev``) and exchanges it at the emulated STS for its API token.
+then runs exactly as in a pod: it reads a projected service-account token (minted by the cluster with
+audience ``issuer.enforce.dev``) and exchanges it at the emulated STS for its API token.
+
+The cluster is one of two backends behind one small interface, ``KubeBackend``:
+
+- ``EmulatedKube`` (the default): the Kubernetes emulator (``kube.KubeEmulator``) served by kmock on
+  loopback. Fast, and ``w.kube`` gives tests its inside: faults, recorded requests, synchronous helpers.
+- ``RealKube`` (``world(control_plane=plane)``): a real etcd + kube-apiserver + kube-controller-manager
+  (``controlplane.ControlPlane``), shared by the whole test session. Each World gets its own fresh
+  namespaces (``w.ns("shop")`` is the name on this backend), its own operator ServiceAccount bound by a
+  copy of deploy/'s ClusterRoleBinding, and an operator that watches only those namespaces and talks to
+  the API server *as that ServiceAccount*; at the end the World deletes its resources while the
+  operator still runs (so finalizers complete), then its namespaces. deploy/'s CRD and ClusterRole must
+  be installed first (tests/integration/conftest.py does it once per session). The real server dates its
+  tokens by the wall clock while the tests fast-forward the shared ``Clock`` (which only the operator and
+  the Chainguard emulator read), so ``RealKube.mint_token`` adds the clock's lead to every lifetime.
 
 The cluster's issuer defaults to a public-looking URL that the Chainguard emulator can reach through
 its ``issuer_routes`` (test DNS), so both ClaimMatch and Static identities work; tests that need a
-cluster-local issuer pass ``issuer=``.
+cluster-local issuer pass ``issuer=`` (emulator only: a real server's issuer is fixed when it starts).
 
 Several clusters can share one Chainguard organization: ``world(shared=first)`` starts a second cluster
 (its own Kubernetes emulator, hence its own ``kube-system`` UID and cluster ID, its own signing keys and
@@ -25,19 +39,23 @@ import dataclasses
 import datetime
 import json
 import pathlib
+import secrets
+import ssl
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import kmock
 import kopf
 
 from cgid_testkit.chainguard import ChainguardEmulator
+from cgid_testkit.controlplane import ControlPlane
 from cgid_testkit.kube import KubeEmulator, write_kubeconfig
 from chainguard_identity_operator import handlers, naming
+from chainguard_identity_operator.chainguard.types import format_time, parse_time
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.crd import GROUP, PLURAL, VERSION, build_crd
 from chainguard_identity_operator.naming import Owner
@@ -47,7 +65,17 @@ PUBLIC_ISSUER = "https://oidc.sandbox-cluster.example"
 ORG_NAME = "my-org.example"
 OPERATOR_NAMESPACE = "chainguard-system"
 OPERATOR_SERVICE_ACCOUNT = "chainguard-identity-operator"
+# deploy/'s ClusterRoleBinding (deploy/base/rbac.yaml): a real-backend World binds its own operator
+# ServiceAccount with a copy of it, as kustomize's ``namespace:`` would rewrite its subject.
+OPERATOR_BINDING = "chainguard-identity-operator"
 CR_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}"
+# The namespaces the scenarios use; on the real backend each World gets fresh ones in their place.
+SCENARIO_NAMESPACES = ("default", "shop", OPERATOR_NAMESPACE)
+# The operator's projected token: refreshed at every ``advance`` on the emulator. The real server's
+# TokenRequest is a network call that ``advance`` (synchronous) cannot make, so there the token is made
+# once, for two years of wall-clock time (the API server accepts it), and ``advance`` checks it is enough.
+OPERATOR_TOKEN_SECONDS = 48 * 3600
+REAL_OPERATOR_TOKEN_SECONDS = 2 * 365 * 24 * 3600
 
 T = TypeVar("T")
 
@@ -65,28 +93,393 @@ class Clock:
         self.offset += delta
 
 
+class KubeBackend(Protocol):
+    """The Kubernetes API a World runs on, as the test's own code reaches it (the operator reaches it
+    only through the kubeconfig ``write_operator_kubeconfig`` makes, as in a pod)."""
+
+    @property
+    def name(self) -> str:
+        """``"emulator"`` or ``"real"``: for messages and test ids."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def issuer(self) -> str:
+        """The service-account issuer: the ``iss`` of every token and the discovery document's."""
+
+    @property
+    def kubeconfig(self) -> pathlib.Path:
+        """An admin's kubeconfig (for kubectl)."""
+
+    @property
+    def issuer_ssl(self) -> ssl.SSLContext | None:
+        """What a client of the issuer's discovery document and JWKS must trust (None: plain http)."""
+
+    def client(self) -> httpx.AsyncClient:
+        """An authenticated admin client for the test's own requests (``base_url`` is the API server)."""
+
+    async def add_namespace(self, name: str) -> None:
+        """Create a namespace (if absent); return once its ``default`` ServiceAccount exists."""
+
+    async def add_service_account(self, namespace: str, name: str) -> None:
+        """Create a ServiceAccount (if absent)."""
+
+    async def mint_token(
+        self, namespace: str, service_account: str, *, audiences: Sequence[str], expiration_seconds: int
+    ) -> str:
+        """A token from the TokenRequest API, valid for ``expiration_seconds`` from the shared clock's now."""
+
+    async def jwks(self) -> dict[str, Any]:
+        """The public keys ``/openid/v1/jwks`` serves."""
+
+    async def rotate_signing_key(self) -> None:
+        """A new signing key for new tokens; the old public key stays published (the overlap)."""
+
+    async def kube_system_uid(self) -> str:
+        """The cluster ID the operator reads: the UID of the kube-system namespace."""
+
+    async def write_operator_kubeconfig(
+        self, path: pathlib.Path, namespace: str, service_account: str
+    ) -> None:
+        """A kubeconfig for the operator that authenticates as ``namespace/service_account``."""
+
+
+@dataclasses.dataclass
+class EmulatedKube:
+    """The Kubernetes emulator on a kmock server: ``emulator`` is its inside (``World.kube``)."""
+
+    emulator: KubeEmulator
+    url: str
+    kubeconfig: pathlib.Path
+    name: str = "emulator"
+    issuer_ssl: ssl.SSLContext | None = None
+
+    @property
+    def issuer(self) -> str:
+        return self.emulator.issuer
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=10)
+
+    async def add_namespace(self, name: str) -> None:
+        self.emulator.add_namespace(name)
+
+    async def add_service_account(self, namespace: str, name: str) -> None:
+        self.emulator.add_service_account(namespace, name)
+
+    async def mint_token(
+        self, namespace: str, service_account: str, *, audiences: Sequence[str], expiration_seconds: int
+    ) -> str:
+        # The emulator dates its tokens by the shared clock already.
+        return self.emulator.mint_token(
+            namespace, service_account, audiences=audiences, expiration_seconds=expiration_seconds
+        )
+
+    async def jwks(self) -> dict[str, Any]:
+        return self.emulator.jwks()
+
+    async def rotate_signing_key(self) -> None:
+        self.emulator.rotate_signing_key()
+
+    async def kube_system_uid(self) -> str:
+        kube_system = self.emulator.current("v1/namespaces", None, "kube-system")
+        assert kube_system is not None
+        uid: str = kube_system["metadata"]["uid"]
+        return uid
+
+    async def write_operator_kubeconfig(
+        self, path: pathlib.Path, namespace: str, service_account: str
+    ) -> None:
+        write_kubeconfig(path, self.url)  # the emulator authenticates nobody
+
+
+class RealKube:
+    """A real API server (``ControlPlane``), shared with other Worlds: see the module docstring."""
+
+    name = "real"
+
+    def __init__(self, plane: ControlPlane, clock: Clock) -> None:
+        self.plane = plane
+        self._clock = clock
+        self.issuer_ssl: ssl.SSLContext | None = plane.ssl_context()
+
+    @property
+    def url(self) -> str:
+        return self.plane.url
+
+    @property
+    def issuer(self) -> str:
+        return self.plane.issuer
+
+    @property
+    def kubeconfig(self) -> pathlib.Path:
+        return self.plane.kubeconfig
+
+    def client(self) -> httpx.AsyncClient:
+        return self.plane.client(timeout=10)
+
+    async def add_namespace(self, name: str) -> None:
+        async with self.client() as client:
+            await _create(client, "/api/v1/namespaces", {"metadata": {"name": name}})
+            if not self.plane.has_controller_manager:
+                # setup-envtest's binaries: no service-account controller, so do what it would.
+                await self.add_service_account(name, "default")
+                return
+
+            # The service-account controller makes "default" a moment later; the emulator at once.
+            async def has_default() -> bool:
+                response = await client.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")
+                return response.status_code == 200
+
+            await wait_until(has_default, what=f"the default ServiceAccount of namespace {name}")
+
+    async def add_service_account(self, namespace: str, name: str) -> None:
+        async with self.client() as client:
+            await _create(
+                client,
+                f"/api/v1/namespaces/{namespace}/serviceaccounts",
+                {"metadata": {"name": name, "namespace": namespace}},
+            )
+
+    async def mint_token(
+        self, namespace: str, service_account: str, *, audiences: Sequence[str], expiration_seconds: int
+    ) -> str:
+        # The server counts a lifetime from the wall clock; the STS checks it against the shared clock,
+        # which the tests may have moved on. Add that lead, so the token lives as long as asked, by the
+        # clock everyone else reads.
+        lead = max(0, int((self._clock() - datetime.datetime.now(datetime.UTC)).total_seconds()))
+        return await self._token_request(
+            namespace, service_account, list(audiences), expiration_seconds + lead
+        )
+
+    async def _token_request(
+        self, namespace: str, service_account: str, audiences: list[str], expiration_seconds: int
+    ) -> str:
+        spec: dict[str, Any] = {"expirationSeconds": expiration_seconds}
+        if audiences:
+            spec["audiences"] = audiences  # none: the API server's own audience (a token to call it with)
+        async with self.client() as client:
+            response = await client.post(
+                f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
+                json={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+            )
+            _raise_for_status(response)
+            token: str = response.json()["status"]["token"]
+            return token
+
+    async def jwks(self) -> dict[str, Any]:
+        async with self.client() as client:
+            response = await client.get("/openid/v1/jwks")
+            _raise_for_status(response)
+            keys: dict[str, Any] = response.json()
+            return keys
+
+    async def rotate_signing_key(self) -> None:
+        # Restarts the API server and blocks until it is ready: off the loop, where the Chainguard
+        # emulator keeps serving.
+        await asyncio.to_thread(self.plane.rotate_signing_key)
+
+    async def kube_system_uid(self) -> str:
+        async with self.client() as client:
+            response = await client.get("/api/v1/namespaces/kube-system")
+            _raise_for_status(response)
+            uid: str = response.json()["metadata"]["uid"]
+            return uid
+
+    async def write_operator_kubeconfig(
+        self, path: pathlib.Path, namespace: str, service_account: str
+    ) -> None:
+        # The API server checks this token by the wall clock: an hour outlives any test.
+        token = await self._token_request(namespace, service_account, [], 3600)
+        await asyncio.to_thread(self.plane.write_kubeconfig, path, token, user=service_account)
+
+    # -- a World's own corner of the shared server ----------------------------------------------------
+
+    async def bind_operator(self, namespace: str, service_account: str) -> str:
+        """deploy/'s ClusterRoleBinding, copied for ``namespace``'s operator ServiceAccount (what
+        kustomize's ``namespace:`` makes of it); returns the copy's name."""
+        async with self.client() as client:
+            response = await client.get(
+                f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{OPERATOR_BINDING}"
+            )
+            if response.status_code == 404:
+                raise RuntimeError(
+                    f"ClusterRoleBinding {OPERATOR_BINDING} is not installed: apply deploy/'s RBAC and CRD "
+                    "first (tests/integration/conftest.py's real_cluster fixture does)"
+                )
+            _raise_for_status(response)
+            installed = response.json()
+            name = f"{OPERATOR_BINDING}-{namespace}"
+            binding = {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": name, "labels": installed["metadata"].get("labels") or {}},
+                "roleRef": installed["roleRef"],
+                "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+            }
+            await _create(client, "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", binding)
+
+            # A new binding reaches the authorizer's cache a moment later: wait until it says yes, so that
+            # the operator's first calls are not refused.
+            review = {
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SubjectAccessReview",
+                "spec": {
+                    "user": f"system:serviceaccount:{namespace}:{service_account}",
+                    "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"],
+                    "resourceAttributes": {
+                        "group": GROUP,
+                        "resource": PLURAL,
+                        "verb": "watch",
+                        "namespace": namespace,
+                    },
+                },
+            }
+
+            async def allowed() -> bool:
+                answer = await client.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", json=review)
+                _raise_for_status(answer)
+                return bool((answer.json().get("status") or {}).get("allowed"))
+
+            await wait_until(
+                allowed, what=f"RBAC to grant {namespace}/{service_account} deploy/'s ClusterRole"
+            )
+            return name
+
+    async def delete_resources(self, namespaces: Sequence[str], *, timeout: float) -> list[str]:
+        """Delete every ChainguardIdentity in ``namespaces`` and wait for them to go (their finalizers need
+        the operator running). Returns the ones still there after ``timeout``, after stripping their
+        finalizers so that their namespaces can be deleted."""
+        async with self.client() as client:
+            for namespace in namespaces:
+                response = await client.delete(CR_PATH.format(namespace=namespace))
+                if response.status_code != 404:
+                    _raise_for_status(response)
+
+            async def remaining() -> list[tuple[str, str]]:
+                left: list[tuple[str, str]] = []
+                for namespace in namespaces:
+                    response = await client.get(CR_PATH.format(namespace=namespace))
+                    _raise_for_status(response)
+                    left += [(namespace, item["metadata"]["name"]) for item in response.json()["items"]]
+                return left
+
+            async def all_gone() -> bool:
+                return not await remaining()
+
+            with contextlib.suppress(AssertionError):
+                await wait_until(
+                    all_gone, what="the test's ChainguardIdentities to be finalized", timeout=timeout
+                )
+            stuck = await remaining()
+            for namespace, name in stuck:
+                response = await client.patch(
+                    f"{CR_PATH.format(namespace=namespace)}/{name}",
+                    json={"metadata": {"finalizers": None}},
+                    headers={"Content-Type": "application/merge-patch+json"},
+                )
+                if response.status_code != 404:
+                    _raise_for_status(response)
+            return [f"{namespace}/{name}" for namespace, name in stuck]
+
+    async def delete_cluster_objects(self, namespaces: Sequence[str], binding: str | None) -> None:
+        """Delete the namespaces (the namespace controller empties them, asynchronously) and the binding."""
+        async with self.client() as client:
+            paths = [f"/api/v1/namespaces/{namespace}" for namespace in namespaces]
+            if binding is not None:
+                paths.append(f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{binding}")
+            for path in paths:
+                response = await client.delete(path)
+                if response.status_code != 404:
+                    _raise_for_status(response)
+
+
+async def _create(client: httpx.AsyncClient, path: str, body: Mapping[str, Any]) -> None:
+    """POST, where "already exists" is fine."""
+    response = await client.post(path, json=dict(body))
+    if response.status_code != 409:
+        _raise_for_status(response)
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    """``raise_for_status`` with the API server's message in the error (a Status names the problem)."""
+    if response.is_error:
+        raise AssertionError(
+            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:500]}"
+        )
+
+
 @dataclasses.dataclass
 class World:
-    kube: KubeEmulator
-    kube_url: str
+    backend: KubeBackend
     chainguard: ChainguardEmulator
     org: str
     operator_identity: str
     settings: Settings
-    kubeconfig: pathlib.Path
+    kubeconfig: pathlib.Path  # the operator's
     workdir: pathlib.Path
     clock: Clock
+    cluster_id: str  # the kube-system namespace's UID, which ownership markers carry
+    namespaces: Mapping[str, str]  # a scenario's namespace name -> the namespace on this backend
     runtime: Runtime | None = None
     _operator: OperatorThread | None = None
+    _operator_token_expires: datetime.datetime | None = None  # on the real server: made once
+
+    # -- the backend --------------------------------------------------------------------------------
+
+    @property
+    def kube(self) -> KubeEmulator:
+        """The Kubernetes emulator's inside (emulator-backed Worlds only)."""
+        if isinstance(self.backend, EmulatedKube):
+            return self.backend.emulator
+        raise TypeError(
+            f"w.kube is the Kubernetes emulator; this World runs on the {self.backend.name} server"
+        )
+
+    @property
+    def kube_url(self) -> str:
+        return self.backend.url
+
+    @property
+    def issuer(self) -> str:
+        return self.backend.issuer
+
+    @property
+    def operator_namespace(self) -> str:
+        return self.settings.operator_namespace
+
+    def ns(self, name: str) -> str:
+        """The namespace that stands for the scenario's ``name`` here: the same on the emulator, a fresh
+        one of this World's on the real server."""
+        if name in self.namespaces:
+            return self.namespaces[name]
+        if isinstance(self.backend, EmulatedKube):
+            return name
+        raise KeyError(f"{name}: this World's namespaces are {sorted(self.namespaces)}")
+
+    async def add_service_account(self, namespace: str, name: str) -> None:
+        await self.backend.add_service_account(namespace, name)
+
+    async def jwks(self) -> dict[str, Any]:
+        return await self.backend.jwks()
+
+    async def rotate_cluster_keys(self) -> None:
+        """The cluster's signing key rotation: new tokens are signed with a key Chainguard does not know."""
+        await self.backend.rotate_signing_key()
 
     # -- the operator -------------------------------------------------------------------------------
 
     async def start_operator(self) -> None:
-        """Run the operator as in a pod, in its own thread (see ``OperatorThread``)."""
+        """Run the operator as in a pod, in its own thread (see ``OperatorThread``); like the command line,
+        it watches the whole cluster unless ``settings.namespaces`` names namespaces."""
         if self._operator is not None:
             raise RuntimeError("the operator is already running")
         self.runtime = Runtime.from_settings(self.settings, clock=self.clock)
-        self._operator = OperatorThread(self.runtime)
+        options: dict[str, Any] = {}
+        if self.settings.namespaces:
+            options = {"clusterwide": False, "namespaces": list(self.settings.namespaces)}
+        self._operator = OperatorThread(self.runtime, **options)
         await self._operator.up()
         assert handlers.FINALIZER  # the handlers are registered by importing the module
 
@@ -97,16 +490,42 @@ class World:
         self.runtime = None
         await operator.down()
 
+    @property
+    def operator_running(self) -> bool:
+        return self._operator is not None
+
     def refresh_operator_token(self) -> None:
         """What the kubelet does for a projected token: replace it before it expires."""
-        self.settings.identity_token_path.write_text(
-            self.kube.mint_token(
-                OPERATOR_NAMESPACE,
-                OPERATOR_SERVICE_ACCOUNT,
-                audiences=["issuer.enforce.dev"],
-                expiration_seconds=48 * 3600,
+        if isinstance(self.backend, EmulatedKube):
+            self.settings.identity_token_path.write_text(
+                self.kube.mint_token(
+                    self.ns(OPERATOR_NAMESPACE),
+                    OPERATOR_SERVICE_ACCOUNT,
+                    audiences=["issuer.enforce.dev"],
+                    expiration_seconds=OPERATOR_TOKEN_SECONDS,
+                )
             )
+            return
+        # The real server's token was made for years at the start (see REAL_OPERATOR_TOKEN_SECONDS).
+        expires = self._operator_token_expires
+        if expires is not None and self.clock() > expires - datetime.timedelta(hours=1):
+            raise RuntimeError(
+                f"the clock ({self.clock():%Y-%m-%d}) passed the operator's token on the real server "
+                f"(expires {expires:%Y-%m-%d}): fast-forward less on this backend"
+            )
+
+    async def _write_operator_token(self) -> None:
+        seconds = (
+            OPERATOR_TOKEN_SECONDS if isinstance(self.backend, EmulatedKube) else REAL_OPERATOR_TOKEN_SECONDS
         )
+        self._operator_token_expires = self.clock() + datetime.timedelta(seconds=seconds)
+        token = await self.backend.mint_token(
+            self.ns(OPERATOR_NAMESPACE),
+            OPERATOR_SERVICE_ACCOUNT,
+            audiences=["issuer.enforce.dev"],
+            expiration_seconds=seconds,
+        )
+        self.settings.identity_token_path.write_text(token)
 
     async def poll_cluster(self) -> None:
         """What the operator's poller does every CGID_JWKS_POLL_INTERVAL, now."""
@@ -126,9 +545,7 @@ class World:
 
     def owner(self, namespace: str, name: str) -> Owner:
         """The owner an identity's marker names when this cluster's resource ``namespace/name`` made it."""
-        kube_system = self.kube.current("v1/namespaces", None, "kube-system")
-        assert kube_system is not None
-        return Owner(self.settings.cluster_name, kube_system["metadata"]["uid"], namespace, name)
+        return Owner(self.settings.cluster_name, self.cluster_id, namespace, name)
 
     def owns(self, description: str, namespace: str, name: str) -> bool:
         """Whether an identity with ``description`` belongs to the resource ``namespace/name`` here."""
@@ -137,7 +554,7 @@ class World:
     # -- the cluster, as a client sees it ---------------------------------------------------------
 
     def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.kube_url, timeout=10)
+        return self.backend.client()
 
     async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """Create the object, or merge-patch its spec when it exists (like ``kubectl apply`` for our CRs)."""
@@ -200,7 +617,7 @@ class World:
         return await wait_until(probe, what=what, timeout=timeout)
 
     def status_patches(self) -> int:
-        """How many status patches the cluster has served: one per finished reconcile pass."""
+        """How many status patches the cluster has served: one per finished reconcile pass (emulator only)."""
         # A kmock handler iterates over the requests it has served.
         return sum(1 for r in list(self.kube) if r.method == "PATCH" and str(r.url.path).endswith("/status"))
 
@@ -252,7 +669,7 @@ class World:
         audience: str = "https://console-api.enforce.dev",
     ) -> httpx.Response:
         """What the seeds' pod does: present its projected token at the STS for the ConfigMap's identity."""
-        token = self.kube.mint_token(
+        token = await self.backend.mint_token(
             namespace, service_account, audiences=["issuer.enforce.dev"], expiration_seconds=600
         )
         async with httpx.AsyncClient(timeout=10) as client:
@@ -365,8 +782,13 @@ async def world(
     settings_overrides: Mapping[str, Any] | None = None,
     chainguard_options: Mapping[str, Any] | None = None,
     shared: World | None = None,
+    control_plane: ControlPlane | None = None,
 ) -> AsyncIterator[World]:
-    """Start both emulators, seed them as an admin would, and (by default) start the operator.
+    """Start the cluster and the Chainguard emulator, seed them as an admin would, and (by default)
+    start the operator.
+
+    With ``control_plane``, the cluster is that real API server (``RealKube``; see the module docstring)
+    instead of a new emulator; its issuer is the one it was started with, and it cannot be ``shared``.
 
     With ``shared``, start only a new cluster and its operator, against ``shared``'s Chainguard emulator,
     organization and clock (which stay ``shared``'s: they are not stopped here, so nest this world inside
@@ -376,17 +798,22 @@ async def world(
     """
     if shared is not None and chainguard_options:
         raise ValueError("chainguard_options configure a new Chainguard emulator; a shared one is running")
+    if control_plane is not None:
+        if shared is not None:
+            raise ValueError(
+                "a World on the real server brings its own Chainguard emulator; shared= is emulator-only"
+            )
+        if issuer != control_plane.issuer:
+            raise ValueError(f"the real server's issuer is {control_plane.issuer}, fixed when it started")
     clock = shared.clock if shared is not None else Clock()
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cgid-")))
         workdir.mkdir(parents=True, exist_ok=True)
         async with (
-            KubeEmulator(issuer=issuer, clock=clock) as kube,
-            kmock.Server(kube) as server,
-            _chainguard(shared, clock, chainguard_options) as chainguard,
+            _cluster(control_plane, issuer, clock, workdir) as (backend, namespaces),
+            _chainguard(shared, clock, chainguard_options, backend.issuer_ssl) as chainguard,
         ):
-            kube_url = str(server.url).rstrip("/")
             if routable:
                 routed = chainguard.issuer_routes.get(issuer)
                 if routed is not None:
@@ -394,12 +821,8 @@ async def world(
                         f"the Chainguard emulator already routes {issuer} to another cluster ({routed}); "
                         "give this cluster its own issuer, or routable=False"
                     )
-                chainguard.issuer_routes[issuer] = kube_url
+                chainguard.issuer_routes[issuer] = backend.url
                 stack.callback(chainguard.issuer_routes.pop, issuer, None)
-            kube.install_crd(build_crd())
-            for namespace in ("default", "shop", OPERATOR_NAMESPACE):
-                kube.add_namespace(namespace)
-            kube.add_service_account(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT)
 
             if shared is not None:
                 org = shared.org
@@ -410,6 +833,7 @@ async def world(
 
             # The private-cluster bootstrap from the README: the operator's own static identity, made
             # once from the cluster's JWKS, bound as owner in the organization.
+            operator_namespace = namespaces[OPERATOR_NAMESPACE]
             operator_identity = chainguard.add_identity(
                 org,
                 {
@@ -417,8 +841,8 @@ async def world(
                     "description": "the operator's own identity (bootstrap)",
                     "staticKeys": {
                         "issuer": issuer,
-                        "subject": f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}",
-                        "issuerKeys": json.dumps(kube.jwks()),
+                        "subject": f"system:serviceaccount:{operator_namespace}:{OPERATOR_SERVICE_ACCOUNT}",
+                        "issuerKeys": json.dumps(await backend.jwks()),
                         "expirationTime": (clock() + datetime.timedelta(days=30)).strftime(
                             "%Y-%m-%dT%H:%M:%SZ"
                         ),
@@ -428,7 +852,7 @@ async def world(
             chainguard.bind(operator_identity, org, "owner")
             token_path = workdir / "operator-oidc-token"
             kubeconfig = workdir / "kubeconfig"
-            write_kubeconfig(kubeconfig, kube_url)
+            await backend.write_operator_kubeconfig(kubeconfig, operator_namespace, OPERATOR_SERVICE_ACCOUNT)
 
             values: dict[str, Any] = {
                 "cluster_name": "sandbox",
@@ -445,14 +869,15 @@ async def world(
                 "max_backoff": datetime.timedelta(seconds=2),
                 "request_timeout": datetime.timedelta(seconds=5),
                 "replacement_grace": datetime.timedelta(seconds=5),
-                "operator_namespace": OPERATOR_NAMESPACE,
+                "operator_namespace": operator_namespace,
                 "identity_config_map": "operator-chainguard-identity",
                 "metrics_port": 0,
             }
+            if isinstance(backend, RealKube):
+                values["namespaces"] = tuple(namespaces.values())  # a shared server: only this World's
             values.update(settings_overrides or {})
             the_world = World(
-                kube=kube,
-                kube_url=kube_url,
+                backend=backend,
                 chainguard=chainguard,
                 org=org,
                 operator_identity=operator_identity,
@@ -460,23 +885,84 @@ async def world(
                 kubeconfig=kubeconfig,
                 workdir=workdir,
                 clock=clock,
+                cluster_id=await backend.kube_system_uid(),
+                namespaces=namespaces,
             )
-            the_world.refresh_operator_token()
+            await the_world._write_operator_token()
+            failed = False
             try:
                 if start:
                     await the_world.start_operator()
                 yield the_world
+            except BaseException:
+                failed = True
+                raise
             finally:
-                await the_world.stop_operator()
+                try:
+                    if isinstance(backend, RealKube):
+                        await _release(the_world, backend, report=not failed)
+                finally:
+                    await the_world.stop_operator()
+
+
+async def _release(w: World, backend: RealKube, *, report: bool) -> None:
+    """Delete the World's resources on the shared server while its operator runs, so that their
+    finalizers complete; what stays (the operator is down, or failed to finalize) is released by hand,
+    and reported as a failure when the operator was running and the test had passed."""
+    running = w.operator_running
+    # A test that fast-forwarded past the bootstrap identity's 30 days (without the operator's own
+    # ChainguardIdentity to renew it) left the operator locked out of Chainguard; the emulator's teardown
+    # never needs it, this one does. Renew it as its admin would, so that the finalizers can run.
+    own = w.chainguard.identities.get(w.operator_identity)
+    static = (own or {}).get("staticKeys") or {}
+    expires = parse_time(static.get("expirationTime"))
+    if expires is not None and expires < w.clock() + datetime.timedelta(days=1):
+        static["expirationTime"] = format_time(w.clock() + datetime.timedelta(days=30))
+    stuck = await backend.delete_resources(list(w.namespaces.values()), timeout=30.0 if running else 0.0)
+    if stuck and running and report:
+        raise AssertionError(
+            f"the operator did not finalize {', '.join(stuck)} within 30 s of their deletion"
+        )
+
+
+@contextlib.asynccontextmanager
+async def _cluster(
+    plane: ControlPlane | None, issuer: str, clock: Clock, workdir: pathlib.Path
+) -> AsyncIterator[tuple[KubeBackend, dict[str, str]]]:
+    """The cluster a World runs on, with the CRD, the scenarios' namespaces and the operator's
+    ServiceAccount; and the names those namespaces have there."""
+    if plane is None:
+        async with KubeEmulator(issuer=issuer, clock=clock) as kube, kmock.Server(kube) as server:
+            url = str(server.url).rstrip("/")
+            kubeconfig = workdir / "kubeconfig"
+            write_kubeconfig(kubeconfig, url)
+            kube.install_crd(build_crd())
+            for namespace in SCENARIO_NAMESPACES:
+                kube.add_namespace(namespace)
+            kube.add_service_account(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT)
+            yield EmulatedKube(kube, url, kubeconfig), {name: name for name in SCENARIO_NAMESPACES}
+        return
+
+    real = RealKube(plane, clock)
+    suffix = secrets.token_hex(3)
+    namespaces = {name: f"{name}-{suffix}" for name in SCENARIO_NAMESPACES}
+    binding: str | None = None
+    try:
+        await asyncio.gather(*(real.add_namespace(namespace) for namespace in namespaces.values()))
+        await real.add_service_account(namespaces[OPERATOR_NAMESPACE], OPERATOR_SERVICE_ACCOUNT)
+        binding = await real.bind_operator(namespaces[OPERATOR_NAMESPACE], OPERATOR_SERVICE_ACCOUNT)
+        yield real, namespaces
+    finally:
+        await real.delete_cluster_objects(list(namespaces.values()), binding)
 
 
 @contextlib.asynccontextmanager
 async def _chainguard(
-    shared: World | None, clock: Clock, options: Mapping[str, Any] | None
+    shared: World | None, clock: Clock, options: Mapping[str, Any] | None, issuer_ssl: ssl.SSLContext | None
 ) -> AsyncIterator[ChainguardEmulator]:
     """A new Chainguard emulator for this world, or the running one of ``shared`` (left running)."""
     if shared is not None:
         yield shared.chainguard
         return
-    async with ChainguardEmulator(clock=clock, **dict(options or {})) as chainguard:
+    async with ChainguardEmulator(clock=clock, issuer_ssl=issuer_ssl, **dict(options or {})) as chainguard:
         yield chainguard
