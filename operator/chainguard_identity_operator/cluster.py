@@ -15,6 +15,7 @@ rotation that happens while reads fail is still noticed when they work again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import datetime
 import json
@@ -29,7 +30,7 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
-from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict
+from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict, SecretConflict
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.crd import GROUP, KIND, PLURAL, VERSION
 from chainguard_identity_operator.facts import ClusterFacts
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 COMPONENT = "chainguard-identity-operator"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 API_VERSION = f"{GROUP}/{VERSION}"
+DOCKER_CONFIG_TYPE = "kubernetes.io/dockerconfigjson"
+DOCKER_CONFIG_KEY = ".dockerconfigjson"
 KUBE_SYSTEM = "kube-system"
 
 
@@ -59,6 +62,19 @@ class ObjectRef:
             "controller": True,
             "blockOwnerDeletion": False,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceAccountState:
+    pull_secrets: tuple[str, ...]  # the names in its imagePullSecrets
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretState:
+    owned: bool  # controlled by the ObjectRef it was read for
+    type: str
+    annotations: Mapping[str, str]
+    config: bytes  # the decoded .dockerconfigjson
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,17 +241,129 @@ class ClusterClient:
         value = (found.data or {}).get("CHAINGUARD_IDENTITY")
         return value if isinstance(value, str) and value else None
 
-    async def service_account_exists(self, namespace: str, name: str) -> bool:
+    async def read_service_account(self, namespace: str, name: str) -> ServiceAccountState | None:
         try:
-            await self._call(
+            found = await self._call(
                 f"reading ServiceAccount {namespace}/{name}",
                 lambda: self._core.read_namespaced_service_account(name, namespace),
             )
         except ClusterError as exc:
             if exc.status == 404:
-                return False
+                return None
             raise
-        return True
+        secrets = tuple(ref.name for ref in found.image_pull_secrets or () if ref.name)
+        return ServiceAccountState(pull_secrets=secrets)
+
+    async def set_image_pull_secret(self, namespace: str, account: str, secret: str, *, listed: bool) -> None:
+        """Add ``secret`` to the service account's imagePullSecrets, or remove it — that one entry, with a
+        JSON patch whose ``test`` fails if the list moved meanwhile (the next pass then looks again)."""
+        what = f"{'adding' if listed else 'removing'} {secret} in ServiceAccount {namespace}/{account}"
+        found = await self._call(what, lambda: self._core.read_namespaced_service_account(account, namespace))
+        names = [ref.name for ref in found.image_pull_secrets or ()]
+        patch: list[dict[str, Any]] = [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": found.metadata.resource_version}
+        ]
+        if listed and secret not in names:
+            if found.image_pull_secrets:
+                patch.append({"op": "add", "path": "/imagePullSecrets/-", "value": {"name": secret}})
+            else:
+                patch.append({"op": "add", "path": "/imagePullSecrets", "value": [{"name": secret}]})
+        elif not listed and secret in names:
+            patch.append({"op": "remove", "path": f"/imagePullSecrets/{names.index(secret)}"})
+        else:
+            return
+        await self._call(what, lambda: self._core.patch_namespaced_service_account(account, namespace, patch))
+
+    async def request_token(self, namespace: str, account: str, *, audience: str, seconds: int = 600) -> str:
+        """A token of the service account, from the TokenRequest API. It stays in memory: it is presented
+        to the STS once and dropped."""
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": seconds},
+        }
+        answer = await self._call(
+            f"requesting a token for ServiceAccount {namespace}/{account}",
+            lambda: self._core.create_namespaced_service_account_token(account, namespace, body),  # type: ignore[arg-type]
+        )
+        token = answer.status.token if answer.status is not None else None
+        if not isinstance(token, str) or not token:
+            raise ClusterError(
+                f"requesting a token for ServiceAccount {namespace}/{account}: no token in the answer"
+            )
+        return token
+
+    async def read_secret(self, ref: ObjectRef, name: str) -> SecretState | None:
+        try:
+            found = await self._call(
+                f"reading Secret {ref.namespace}/{name}",
+                lambda: self._core.read_namespaced_secret(name, ref.namespace),
+            )
+        except ClusterError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        owners = found.metadata.owner_references or []
+        data = dict(found.data or {})
+        return SecretState(
+            owned=any(owner.uid == ref.uid for owner in owners),
+            type=found.type or "",
+            annotations=dict(found.metadata.annotations or {}),
+            config=base64.b64decode(data.get(DOCKER_CONFIG_KEY, "")),
+        )
+
+    async def write_secret(
+        self,
+        ref: ObjectRef,
+        name: str,
+        config: bytes,
+        annotations: Mapping[str, str],
+        current: SecretState | None,
+    ) -> None:
+        """Create the pull secret, or replace the data and annotations of ours; never touch someone else's."""
+        if current is not None and not current.owned:
+            raise SecretConflict(
+                f"Secret {ref.namespace}/{name} exists and is not owned by this ChainguardIdentity; delete it "
+                "or set spec.pullSecret.name"
+            )
+        encoded = {DOCKER_CONFIG_KEY: base64.b64encode(config).decode()}
+        if current is None:
+            body: dict[str, Any] = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": DOCKER_CONFIG_TYPE,
+                "metadata": {
+                    "name": name,
+                    "namespace": ref.namespace,
+                    "labels": {MANAGED_BY_LABEL: COMPONENT},
+                    "annotations": dict(annotations),
+                    "ownerReferences": [ref.owner_reference()],
+                },
+                "data": encoded,
+            }
+            await self._call(
+                f"creating Secret {ref.namespace}/{name}",
+                lambda: self._core.create_namespaced_secret(ref.namespace, body),  # type: ignore[arg-type]
+            )
+            return
+        patch = {"metadata": {"annotations": dict(annotations)}, "data": encoded}
+        await self._call(
+            f"updating Secret {ref.namespace}/{name}",
+            lambda: self._core.patch_namespaced_secret(name, ref.namespace, patch),
+        )
+
+    async def delete_secret(self, ref: ObjectRef, name: str) -> None:
+        current = await self.read_secret(ref, name)
+        if current is None or not current.owned:
+            return
+        try:
+            await self._call(
+                f"deleting Secret {ref.namespace}/{name}",
+                lambda: self._core.delete_namespaced_secret(name, ref.namespace),
+            )
+        except ClusterError as exc:
+            if exc.status != 404:
+                raise
 
     async def cluster_id(self) -> str:
         """The UID of the kube-system namespace: made once when the cluster is, never shared by two."""

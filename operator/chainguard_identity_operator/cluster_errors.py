@@ -18,3 +18,7 @@ class ClusterError(Exception):
 
 class ConfigMapConflict(Exception):
     """A ConfigMap with the wanted name exists and belongs to something else; it is left untouched."""
+
+
+class SecretConflict(Exception):
+    """A Secret with the pull secret's name exists and belongs to something else; it is left untouched."""

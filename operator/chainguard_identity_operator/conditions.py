@@ -22,6 +22,8 @@ from chainguard_identity_operator.timestamps import format_time
 READY = "Ready"
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
+PULL_SECRET_READY = "PullSecretReady"
+EXCHANGE_VERIFIED = "ExchangeVerified"
 
 
 class Phase(enum.Enum):
@@ -45,7 +47,10 @@ def build_conditions(
     *,
     generation: int,
     now_text: str,
+    extra: Mapping[str, tuple[str, str, str]] | None = None,
 ) -> list[dict[str, Any]]:
+    """The three standard conditions from ``health``, then ``extra`` ones (type → status, reason,
+    message) for features a resource turned on, such as ``PullSecretReady`` and ``ExchangeVerified``."""
     ready = health.phase is Phase.READY
     wanted = {
         READY: ("True" if ready else "False", health.reason, health.message),
@@ -59,6 +64,7 @@ def build_conditions(
             health.reason if health.phase is Phase.STALLED else "NotStalled",
             health.message if health.phase is Phase.STALLED else "the spec can be satisfied",
         ),
+        **(extra or {}),
     }
     before = {c.get("type"): c for c in previous}
     result: list[dict[str, Any]] = []

@@ -51,6 +51,7 @@ class Settings:
     cluster_name: str = "kubernetes"
     cluster_id: str | None = None
     operator_namespace: str = "chainguard-system"
+    operator_service_account: str = "chainguard-identity-operator"  # what tenants grant their Role to
 
     # Chainguard endpoints, and what pods are told in their ConfigMap.
     api_url: str = "https://console-api.enforce.dev"
@@ -74,6 +75,10 @@ class Settings:
     # The ConfigMap (in the operator's namespace) that the operator's own ChainguardIdentity writes: when
     # it names another identity (its own identity was replaced), the operator authenticates as that one.
     identity_config_map: str | None = None
+
+    # Access checks: whether every resource verifies its exchange unless it says otherwise, and how often.
+    verify_exchange: bool = False
+    verify_interval: datetime.timedelta = datetime.timedelta(hours=1)
 
     # Policy.
     allowed_roles: tuple[str, ...] = DEFAULT_ALLOWED_ROLES
@@ -152,10 +157,11 @@ _DURATIONS = {
     "replacement_grace",
     "max_static_lifetime",
     "jwks_max_staleness",
+    "verify_interval",
 }
 _PATHS = {"identity_token_path", "token_file", "kubeconfig", "service_account_token_path"}
 _LISTS = {"allowed_roles", "namespaces", "public_issuer_hosts", "adoption_namespaces", "allowed_parents"}
-_BOOLS = {"issuer_public", "adoption_privileged"}
+_BOOLS = {"issuer_public", "adoption_privileged", "verify_exchange"}
 
 
 def _convert(var: str, name: str, raw: str) -> object:
@@ -188,6 +194,8 @@ def validate(settings: Settings) -> None:
         fail("cluster_id", "must be 1-64 letters, digits or '-' (the kube-system namespace UID by default)")
     if not _DNS_LABEL.fullmatch(settings.operator_namespace):
         fail("operator_namespace", "must be a namespace name")
+    if not _DNS_SUBDOMAIN.fullmatch(settings.operator_service_account):
+        fail("operator_service_account", "must be a service account name")
     if settings.identity_config_map is not None and not _DNS_SUBDOMAIN.fullmatch(
         settings.identity_config_map
     ):

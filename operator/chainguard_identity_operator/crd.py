@@ -233,6 +233,42 @@ def _spec_schema() -> dict[str, Any]:
             maxLength=256,
             pattern=SINGLE_LINE_PATTERN,
         ),
+        "pullSecret": _object(
+            "A Secret of type kubernetes.io/dockerconfigjson in this namespace that the operator keeps "
+            "filled with a registry token of this identity (audience: the registry), refreshed before it "
+            "expires, after every change of the identity, and when the Secret is edited or deleted. "
+            "Needs the Role in docs/ADMIN.md granted to the operator in this namespace.",
+            {
+                "name": _string(
+                    "Name of the Secret.", minLength=1, maxLength=253, pattern=DNS1123_SUBDOMAIN_PATTERN
+                ),
+                "attachToServiceAccount": {
+                    "type": "boolean",
+                    "description": "Also list the Secret in the service account's imagePullSecrets, so its "
+                    "pods pull without naming it; removing this (or the resource) removes the entry again.",
+                    "default": False,
+                },
+                "refreshBefore": _duration(
+                    "How long before the token expires the Secret is refreshed (tokens live at most an "
+                    "hour). Default 10m, at most 50m.",
+                    **{
+                        "x-kubernetes-validations": [
+                            _rule(
+                                "duration(self) > duration('0s') && duration(self) <= duration('50m')",
+                                "spec.pullSecret.refreshBefore must be more than 0s and at most 50m",
+                            )
+                        ]
+                    },
+                ),
+            },
+            required=["name"],
+        ),
+        "verifyExchange": {
+            "type": "boolean",
+            "description": "Check, after every change of the identity and then periodically, that a token "
+            "of the service account really exchanges for this identity (condition ExchangeVerified). "
+            "Absent: the operator's default (CGID_VERIFY_EXCHANGE). Needs the Role in docs/ADMIN.md.",
+        },
         "adopt": _string(
             "UIDP of an existing identity to take over instead of creating one (for example the "
             "operator's own bootstrap identity, which it then keeps alive).",

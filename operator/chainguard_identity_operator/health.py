@@ -23,13 +23,18 @@ from chainguard_identity_operator.chainguard.errors import (
     redact,
 )
 from chainguard_identity_operator.chainguard.types import format_time
-from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict
+from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict, SecretConflict
 from chainguard_identity_operator.conditions import Health, Phase
 from chainguard_identity_operator.model import SpecError
 
 
 class KeysUnavailable(Exception):
     """The cluster's JWKS cannot be read and the last good key set is too old to trust."""
+
+
+class AccessNotGranted(Exception):
+    """The tenant has not granted the operator what spec.pullSecret or spec.verifyExchange needs; the
+    message holds the exact Role to apply."""
 
 
 class NoConvergence(Exception):
@@ -44,7 +49,16 @@ class Failure:
     ambiguous: bool = False  # a write may have happened: look before writing again
 
 
-FAILURES = (SpecError, ConfigMapConflict, ChainguardError, ClusterError, KeysUnavailable, NoConvergence)
+FAILURES = (
+    SpecError,
+    ConfigMapConflict,
+    SecretConflict,
+    ChainguardError,
+    ClusterError,
+    KeysUnavailable,
+    NoConvergence,
+    AccessNotGranted,
+)
 
 
 def classify(exc: Exception, *, operator_identity: str | None = None) -> Failure:
@@ -64,6 +78,11 @@ def _classify(exc: Exception, operator_identity: str | None) -> Failure:
         return Failure(Health(Phase.STALLED, exc.reason, str(exc)), transient=False)
     if isinstance(exc, ConfigMapConflict):
         return Failure(Health(Phase.STALLED, "ConfigMapConflict", str(exc)), transient=False)
+    if isinstance(exc, SecretConflict):
+        return Failure(Health(Phase.STALLED, "PullSecretConflict", str(exc)), transient=False)
+    if isinstance(exc, AccessNotGranted):
+        # Retried: granting the Role is all it takes, and nothing else tells the operator it happened.
+        return Failure(Health(Phase.STALLED, "AccessNotGranted", str(exc)), transient=True)
     if isinstance(exc, CredentialsError):
         who = f" for its identity {operator_identity}" if operator_identity else ""
         message = (

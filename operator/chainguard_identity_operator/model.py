@@ -57,6 +57,19 @@ class StaticSpec:
     renew_before: datetime.timedelta = DEFAULT_VALID_FOR / 3
 
 
+DEFAULT_REFRESH_BEFORE = datetime.timedelta(minutes=10)
+MAX_REFRESH_BEFORE = datetime.timedelta(minutes=50)  # an exchanged token lives at most an hour
+
+
+@dataclasses.dataclass(frozen=True)
+class PullSecretSpec:
+    """A Secret of type kubernetes.io/dockerconfigjson the operator keeps filled with a registry token."""
+
+    name: str
+    attach_to_service_account: bool = False
+    refresh_before: datetime.timedelta = DEFAULT_REFRESH_BEFORE
+
+
 @dataclasses.dataclass(frozen=True)
 class IdentitySpec:
     namespace: str
@@ -73,6 +86,8 @@ class IdentitySpec:
     deletion_policy: DeletionPolicy
     description: str
     adopt: str | None
+    pull_secret: PullSecretSpec | None = None
+    verify_exchange: bool | None = None  # None: the operator's default (CGID_VERIFY_EXCHANGE)
 
     @property
     def subject(self) -> str:
@@ -172,6 +187,11 @@ def parse_spec(namespace: str, name: str, spec: Mapping[str, Any], settings: Set
     if adopt is not None and parent is not None and adopt.rsplit("/", 1)[0] != parent:
         raise SpecError("spec.adopt", f"identity {adopt} is not a child of spec.parent {parent}")
 
+    pull_secret = _parse_pull_secret(spec.get("pullSecret"))
+    verify = spec.get("verifyExchange")
+    if verify is not None and not isinstance(verify, bool):
+        raise SpecError("spec.verifyExchange", "must be true or false")
+
     return IdentitySpec(
         namespace=namespace,
         name=name,
@@ -187,7 +207,28 @@ def parse_spec(namespace: str, name: str, spec: Mapping[str, Any], settings: Set
         deletion_policy=deletion_policy,
         description=description,
         adopt=adopt,
+        pull_secret=pull_secret,
+        verify_exchange=verify,
     )
+
+
+def _parse_pull_secret(raw: object) -> PullSecretSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise SpecError("spec.pullSecret", "must be an object with a name")
+    name = raw.get("name")
+    if not isinstance(name, str) or len(name) > 253 or not DNS1123_SUBDOMAIN.fullmatch(name):
+        raise SpecError("spec.pullSecret.name", f"{name!r} is not a valid Secret name")
+    attach = raw.get("attachToServiceAccount", False)
+    if not isinstance(attach, bool):
+        raise SpecError("spec.pullSecret.attachToServiceAccount", "must be true or false")
+    refresh_before = DEFAULT_REFRESH_BEFORE
+    if raw.get("refreshBefore") not in (None, ""):
+        refresh_before = _duration("spec.pullSecret.refreshBefore", raw["refreshBefore"])
+        if refresh_before > MAX_REFRESH_BEFORE:
+            raise SpecError("spec.pullSecret.refreshBefore", "must be at most 50m (a token lives an hour)")
+    return PullSecretSpec(name=name, attach_to_service_account=attach, refresh_before=refresh_before)
 
 
 def _parse_static(raw: object) -> StaticSpec:

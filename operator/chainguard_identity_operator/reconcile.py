@@ -25,12 +25,39 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from chainguard_identity_operator import health as healths
 from chainguard_identity_operator import naming, policy
+from chainguard_identity_operator.access import (
+    AccessAction,
+    AccessDone,
+    AccessObserved,
+    AccessResult,
+    AccessTarget,
+    Checked,
+    DeletePullSecret,
+    Listed,
+    ListPullSecret,
+    PullSecretFacts,
+    RefreshFailed,
+    SecretDeleted,
+    SecretWritten,
+    VerifyExchange,
+    WritePullSecret,
+    access_conditions,
+    config_json,
+    decide_access,
+    digest,
+    fold_access,
+    required_role,
+    secret_annotations,
+    token_expiry,
+)
+from chainguard_identity_operator.chainguard.auth import API_AUDIENCE
 from chainguard_identity_operator.chainguard.client import ChainguardClient
 from chainguard_identity_operator.chainguard.errors import (
     AlreadyExists,
@@ -38,10 +65,23 @@ from chainguard_identity_operator.chainguard.errors import (
     ChainguardError,
     InvalidArgument,
 )
+from chainguard_identity_operator.chainguard.sts import STSClient
 from chainguard_identity_operator.chainguard.types import Identity, RoleBinding, format_time
-from chainguard_identity_operator.cluster import ClusterClient, ClusterFactsCache, ConfigMapState, ObjectRef
-from chainguard_identity_operator.cluster_errors import ConfigMapConflict
-from chainguard_identity_operator.conditions import Health, Phase, build_conditions
+from chainguard_identity_operator.cluster import (
+    ClusterClient,
+    ClusterFactsCache,
+    ConfigMapState,
+    ObjectRef,
+    ServiceAccountState,
+)
+from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict, SecretConflict
+from chainguard_identity_operator.conditions import (
+    EXCHANGE_VERIFIED,
+    PULL_SECRET_READY,
+    Health,
+    Phase,
+    build_conditions,
+)
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.decide import (
     Action,
@@ -75,14 +115,16 @@ from chainguard_identity_operator.decide import (
     resolve_mode,
 )
 from chainguard_identity_operator.directory import Directory
-from chainguard_identity_operator.health import Failure, KeysUnavailable, NoConvergence
+from chainguard_identity_operator.health import AccessNotGranted, Failure, KeysUnavailable, NoConvergence
 from chainguard_identity_operator.jwks import KeySet, parse_jwks, public_keys
 from chainguard_identity_operator.model import UIDP, IdentitySpec, Mode, SpecError, parse_spec
 from chainguard_identity_operator.naming import Owner
 from chainguard_identity_operator.status import (
     BindingRecord,
     Condition,
+    ExchangeRecord,
     IdentityStatus,
+    PullSecretRecord,
     Retiring,
     RotationPending,
     status_patch,
@@ -176,6 +218,8 @@ class Context:
     cluster_id: str | None = None
     # The identities the operator authenticates as now: never deleted, never stripped of a binding.
     own_identities: Callable[[], frozenset[str]] = frozenset
+    # The STS, for the exchanges of the resources' service accounts (pull secrets, checks).
+    sts: STSClient | None = None
     # Told when a ConfigMap in the operator's namespace names an identity (its own may have moved on).
     on_published: Callable[[str, str, str], None] = lambda _namespace, _name, _identity: None
     lookups: _Lookups = dataclasses.field(default_factory=_Lookups)
@@ -270,7 +314,7 @@ class _Snapshot:
     rotation: Rotation  # what the rotate annotation asks of this pass
     ignored: tuple[str, ...]  # identity IDs status named that this resource does not own
     name: str  # the identity's name (the deterministic one, or an adopted identity's)
-    service_account_exists: bool = True
+    account: ServiceAccountState | None = None  # the resource's service account; None when it is missing
 
 
 async def _existing(ctx: Context, uids: Iterable[str]) -> list[Identity]:
@@ -428,7 +472,7 @@ async def _observe(
         else None,
         identity_updated_at=_updated_at(current),
     )
-    service_account = await ctx.cluster.service_account_exists(spec.namespace, spec.service_account_name)
+    account = await ctx.cluster.read_service_account(spec.namespace, spec.service_account_name)
     return _Snapshot(
         observed=Observed(
             identity=current,
@@ -449,7 +493,7 @@ async def _observe(
         rotation=rotation,
         ignored=selection.ignored,
         name=(adopting.name if adopting else current.name if current is not None else deterministic),
-        service_account_exists=service_account,
+        account=account,
     )
 
 
@@ -504,6 +548,8 @@ class _Pass:
     rotated: str | None = None  # why the identity's keys, expiry or ID changed in this pass
     rotation_done: bool = False
     checkpoint: dict[str, Any] = dataclasses.field(default_factory=dict)  # status written mid-pass
+    access: AccessObserved | None = None  # the pull secret and exchange check, once the identity is done
+    access_target: AccessTarget | None = None
 
 
 async def _perform(ctx: Context, state: _Pass, action: Action) -> Result:
@@ -637,6 +683,194 @@ def _rotation_reason(action: Action, result: Result) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Access: the pull secret and the exchange check (access.py decides)
+
+
+def _needs_access(ctx: Context, spec: IdentitySpec, previous: IdentityStatus) -> bool:
+    """Whether a resource turned a feature on, or has something of one left to undo."""
+    verify = spec.verify_exchange if spec.verify_exchange is not None else ctx.settings.verify_exchange
+    return spec.pull_secret is not None or verify or previous.pull_secret is not None
+
+
+def access_health(target: AccessTarget, observed: AccessObserved, now: datetime.datetime) -> Health | None:
+    """What keeps a resource whose identity is in shape from Ready (None: nothing)."""
+    record = observed.exchange
+    if target.verify and record is not None and not record.ok:
+        message = (
+            f"a token of {target.namespace}/{target.service_account} does not exchange: {record.message}"
+        )
+        return Health(Phase.PROGRESSING, "ExchangeFailed", message)
+    if target.pull_secret is not None and observed.refresh_failed is not None:
+        expires = token_expiry(observed.secret)
+        if expires is None or expires <= now:
+            message = f"Secret {target.pull_secret.name} holds no valid token: {observed.refresh_failed}"
+            return Health(Phase.PROGRESSING, "PullSecretExpired", message)
+    return None
+
+
+async def _access(
+    ctx: Context,
+    state: _Pass,
+    spec: IdentitySpec,
+    account: ServiceAccountState,
+    previous: IdentityStatus,
+    now: datetime.datetime,
+) -> datetime.datetime | None:
+    """The access phase of a pass: observe, decide, act, fold, like the identity's. Its wake-up time."""
+    identity = state.observed.identity
+    assert identity is not None
+    ref = state.resource.ref
+    target = AccessTarget(
+        namespace=spec.namespace,
+        service_account=spec.service_account_name,
+        registry=ctx.settings.registry,
+        pull_secret=spec.pull_secret,
+        verify=spec.verify_exchange if spec.verify_exchange is not None else ctx.settings.verify_exchange,
+        verify_interval=ctx.settings.verify_interval,
+    )
+    state.access_target = target
+    try:
+        secret = None
+        if spec.pull_secret is not None:
+            found = await ctx.cluster.read_secret(ref, spec.pull_secret.name)
+            if found is not None and not found.owned:
+                raise SecretConflict(
+                    f"Secret {ref.namespace}/{spec.pull_secret.name} exists and is not owned by this "
+                    "ChainguardIdentity; delete it or set spec.pullSecret.name"
+                )
+            if found is not None:
+                secret = PullSecretFacts(annotations=found.annotations, config_digest=digest(found.config))
+        recorded = previous.pull_secret
+        stale = (
+            ()
+            if recorded is None or (spec.pull_secret and recorded.name == spec.pull_secret.name)
+            else (recorded.name,)
+        )
+        observed = AccessObserved(
+            identity_id=identity.uid,
+            identity_updated_at=_updated_at(identity),
+            secret=secret,
+            stale_secrets=stale,
+            account_pull_secrets=account.pull_secrets,
+            attached_to=recorded.attached_to if recorded is not None else None,
+            exchange=previous.exchange,
+        )
+        state.access = observed
+        for _ in range(MAX_STEPS):
+            action = decide_access(target, observed, now)
+            if isinstance(action, AccessDone):
+                return action.wake_at
+            result = await _perform_access(ctx, state, target, action, now)
+            observed = state.access = fold_access(observed, result)
+            event = _access_event(action, result)
+            if event is not None:
+                state.events.append(event)
+        raise NoConvergence(f"the pull secret and exchange check did not settle in {MAX_STEPS} steps")
+    except ClusterError as exc:
+        if exc.status != 403:
+            raise
+        role = required_role(
+            namespace=spec.namespace,
+            service_account=spec.service_account_name,
+            pull_secret=spec.pull_secret,
+            operator_namespace=ctx.settings.operator_namespace,
+            operator_service_account=ctx.settings.operator_service_account,
+            resource=ref.name,
+        )
+        raise AccessNotGranted(
+            f"{exc}; spec.pullSecret and spec.verifyExchange need this Role in {spec.namespace} (apply it with "
+            f"kubectl apply -f -): {json.dumps({'apiVersion': 'v1', 'kind': 'List', 'items': role})}"
+        ) from None
+
+
+async def _perform_access(
+    ctx: Context, state: _Pass, target: AccessTarget, action: AccessAction, now: datetime.datetime
+) -> AccessResult:
+    ref = state.resource.ref
+    spec = state.spec
+    identity = state.observed.identity
+    assert identity is not None
+    match action:
+        case WritePullSecret():
+            try:
+                subject = await ctx.cluster.request_token(
+                    spec.namespace, spec.service_account_name, audience=spec.audience
+                )
+                exchanged = await _sts(ctx).exchange(subject, audience=target.registry, identity=identity.uid)
+            except ChainguardError as exc:
+                # The old token (if any) keeps serving; the condition and a Warning event say why.
+                return RefreshFailed(exc.message if isinstance(exc, APIError) else str(exc))
+            config = config_json(target.registry, exchanged.token)
+            notes = secret_annotations(
+                registry=target.registry,
+                identity_id=identity.uid,
+                identity_updated_at=_updated_at(identity),
+                expires_at=exchanged.expiry,
+                config=config,
+            )
+            current = await ctx.cluster.read_secret(ref, action.name)
+            await ctx.cluster.write_secret(ref, action.name, config, notes, current)
+            return SecretWritten(name=action.name, annotations=notes)
+        case DeletePullSecret():
+            await ctx.cluster.delete_secret(ref, action.name)
+            return SecretDeleted(name=action.name)
+        case ListPullSecret():
+            await ctx.cluster.set_image_pull_secret(
+                spec.namespace, action.account, action.name, listed=action.listed
+            )
+            return Listed(account=action.account, name=action.name, listed=action.listed)
+        case VerifyExchange():
+            subject = await ctx.cluster.request_token(
+                spec.namespace, spec.service_account_name, audience=spec.audience
+            )
+            try:
+                await _sts(ctx).exchange(subject, audience=API_AUDIENCE, identity=identity.uid)
+            except APIError as exc:
+                record = ExchangeRecord(
+                    identity.uid, _updated_at(identity), now, ok=False, message=exc.message
+                )
+            else:
+                record = ExchangeRecord(identity.uid, _updated_at(identity), now, ok=True, message="")
+            return Checked(record)
+    raise AssertionError(f"{type(action).__name__} is not performed")
+
+
+def _sts(ctx: Context) -> STSClient:
+    if ctx.sts is None:
+        raise ChainguardError("the operator has no STS client for the service accounts' exchanges")
+    return ctx.sts
+
+
+def _access_event(action: AccessAction, result: AccessResult) -> Event | None:
+    match action, result:
+        case WritePullSecret(), SecretWritten(annotations=notes):
+            until = notes.get("iam.chainguard.dev/token-expires-at", "")
+            return Event(
+                "PullSecretWritten", f"Secret {action.name} holds a new token until {until} ({action.reason})"
+            )
+        case WritePullSecret(), RefreshFailed(message=message):
+            return Event(
+                "PullSecretRefreshFailing", f"refreshing Secret {action.name} failed: {message}", True
+            )
+        case DeletePullSecret(), SecretDeleted():
+            return Event("PullSecretDeleted", f"deleted Secret {action.name}, no longer in spec.pullSecret")
+        case ListPullSecret(), Listed():
+            verb = "added to" if action.listed else "removed from"
+            return Event(
+                "PullSecretListed", f"Secret {action.name} {verb} the imagePullSecrets of {action.account}"
+            )
+        case VerifyExchange(), Checked(record=record):
+            if record.ok:
+                return Event(
+                    "ExchangeVerified", f"a token of the service account exchanged for {record.identity_id}"
+                )
+            return Event(
+                "ExchangeFailed", f"a token of the service account does not exchange: {record.message}", True
+            )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
 # The pass
 
 
@@ -701,8 +935,11 @@ async def reconcile(ctx: Context, resource: Resource) -> Outcome:
             # must still follow its own identity to where the ConfigMap says it went.
             ctx.on_published(resource.ref.namespace, target.config_map_name, published)
         wake_at = _wake_at(target, state.observed, now)
-        if not snapshot.service_account_exists:
+        if snapshot.account is None:
             failure = healths.service_account_missing(spec.namespace, spec.service_account_name)
+        elif _needs_access(ctx, spec, previous):
+            access_wake = await _access(ctx, state, spec, snapshot.account, previous, now)
+            wake_at = min((w for w in (wake_at, access_wake) if w is not None), default=None)
     except healths.FAILURES as exc:
         failure = healths.classify(exc, operator_identity=ctx.settings.identity)
     if state is not None and state.observed.identity is not None:
@@ -792,6 +1029,10 @@ def _health(
         assert state.observed.identity is not None
         identity = state.observed.identity
         expires = identity.static_keys.expiration_time if identity.static_keys is not None else None
+        if state.access is not None and state.access_target is not None:
+            blocked = access_health(state.access_target, state.access, now)
+            if blocked is not None:
+                return blocked
         return healths.ready(identity.uid, target.mode.value, len(target.role_ids), expires)
     expires = previous.expires_at
     if state is not None and state.observed.identity is not None and state.observed.identity.static_keys:
@@ -873,11 +1114,35 @@ def next_status(
             )
     if health.reason == "AdoptionRefused":
         status = dataclasses.replace(status, adopted=None)  # a refused adoption is never on record
+    extra: dict[str, tuple[str, str, str]] = {}
+    if state is not None and state.access is not None and state.access_target is not None:
+        access, access_target = state.access, state.access_target
+        extra = access_conditions(access_target, access, now)
+        spec_secret = access_target.pull_secret
+        status = dataclasses.replace(
+            status,
+            pull_secret=PullSecretRecord(
+                name=spec_secret.name, expires_at=token_expiry(access.secret), attached_to=access.attached_to
+            )
+            if spec_secret is not None
+            else None
+            if not access.stale_secrets and access.attached_to is None
+            else status.pull_secret,
+            exchange=access.exchange if access_target.verify else None,
+        )
+    elif status.pull_secret is not None or status.exchange is not None:
+        # Kept while the pass could not look (it failed earlier): what was written still stands.
+        extra = {
+            c.type: (c.status, c.reason, c.message)
+            for c in previous.conditions
+            if c.type in (PULL_SECRET_READY, EXCHANGE_VERIFIED)
+        }
     conditions = build_conditions(
         [c.to_dict() for c in previous.conditions],
         health,
         generation=resource.generation,
         now_text=format_time(now),
+        extra=extra,
     )
     return dataclasses.replace(
         status,
@@ -1009,7 +1274,31 @@ async def finalize(ctx: Context, resource: Resource) -> Sequence[Event]:
         raise DeletionBlocked(message, transient=failure.transient, retry_after=failure.retry_after) from None
     for uid in [uid for uid, manager in ctx.managers.items() if manager == owner]:
         del ctx.managers[uid]
+    events.extend(await _detach_on_delete(ctx, resource, previous))
     return events
+
+
+async def _detach_on_delete(ctx: Context, resource: Resource, previous: IdentityStatus) -> list[Event]:
+    """The imagePullSecrets entry the operator added goes with the resource (the Secret itself is
+    garbage-collected through its owner reference). Best effort: a dangling entry only makes the kubelet
+    warn, so it never holds up the deletion."""
+    record = previous.pull_secret
+    account = resource.spec.get("serviceAccountName") or "default"
+    if record is None or record.attached_to is None or not isinstance(account, str):
+        return []
+    try:
+        await ctx.cluster.set_image_pull_secret(
+            resource.ref.namespace, account, record.attached_to, listed=False
+        )
+    except ClusterError as exc:
+        return [
+            Event("PullSecretListed", f"could not remove {record.attached_to} from {account}: {exc}", True)
+        ]
+    return [
+        Event(
+            "PullSecretListed", f"Secret {record.attached_to} removed from the imagePullSecrets of {account}"
+        )
+    ]
 
 
 def deletion_blocked_status(resource: Resource, message: str, now: datetime.datetime) -> Mapping[str, Any]:

@@ -114,6 +114,7 @@ class Runtime:
             clock=clock,
             own_identities=own_identity.identities if own_identity is not None else frozenset,
             on_published=self._published,
+            sts=sts or STSClient(settings.issuer_url, timeout=settings.request_timeout.total_seconds()),
         )
         self._sts = sts
         self._workers: dict[str, _Worker] = {}
@@ -212,8 +213,8 @@ class Runtime:
             await self._metrics_server.stop()
             self._metrics_server = None
         await self.context.chainguard.aclose()
-        if self._sts is not None:
-            await self._sts.aclose()
+        if self.context.sts is not None:
+            await self.context.sts.aclose()  # the operator's own exchanges go through it too
         self.cluster.close()
 
     # -- waking -------------------------------------------------------------------------------------

@@ -82,6 +82,24 @@ class RotationPending:
 
 
 @dataclasses.dataclass(frozen=True)
+class PullSecretRecord:
+    name: str
+    expires_at: datetime.datetime | None  # when the token in it expires
+    attached_to: str | None = None  # the service account the operator added it to (imagePullSecrets)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeRecord:
+    """The last check that a token of the service account exchanges for the identity."""
+
+    identity_id: str
+    identity_updated_at: str  # the identity's updateTime when checked: a change of it means check again
+    verified_at: datetime.datetime
+    ok: bool
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
 class IdentityStatus:
     observed_generation: int | None = None
     identity_id: str | None = None
@@ -104,6 +122,8 @@ class IdentityStatus:
     retiring: tuple[Retiring, ...] = ()
     rotation_request: str | None = None  # the last value of the rotate annotation acted on
     rotation_pending: RotationPending | None = None
+    pull_secret: PullSecretRecord | None = None
+    exchange: ExchangeRecord | None = None
     conditions: tuple[Condition, ...] = ()
 
     def condition(self, kind: str) -> Condition | None:
@@ -154,6 +174,8 @@ class IdentityStatus:
             rotation_pending=RotationPending(request=pending_request, identity_updated_at=pending_at)
             if pending_request is not None and isinstance(pending_at, str)
             else None,
+            pull_secret=_pull_secret(status.get("pullSecret")),
+            exchange=_exchange(status.get("exchange")),
             conditions=tuple(
                 c for c in (Condition.from_dict(item) for item in _items(status.get("conditions"))) if c
             ),
@@ -199,6 +221,21 @@ class IdentityStatus:
             out["rotationPending"] = {
                 "request": self.rotation_pending.request,
                 "identityUpdatedAt": self.rotation_pending.identity_updated_at,
+            }
+        if self.pull_secret is not None:
+            record: dict[str, Any] = {"name": self.pull_secret.name}
+            if self.pull_secret.expires_at is not None:
+                record["expiresAt"] = format_time(self.pull_secret.expires_at)
+            if self.pull_secret.attached_to is not None:
+                record["attachedTo"] = self.pull_secret.attached_to
+            out["pullSecret"] = record
+        if self.exchange is not None:
+            out["exchange"] = {
+                "identityId": self.exchange.identity_id,
+                "identityUpdatedAt": self.exchange.identity_updated_at,
+                "verifiedAt": format_time(self.exchange.verified_at),
+                "result": "Verified" if self.exchange.ok else "Failed",
+                "message": self.exchange.message,
             }
         put("conditions", [c.to_dict() for c in self.conditions])
         return out
@@ -330,9 +367,28 @@ def schema() -> dict[str, Any]:
                 "identityUpdatedAt": _string("The identity's updateTime before the write."),
             },
         ),
+        "pullSecret": _object(
+            "The pull secret the operator keeps (spec.pullSecret).",
+            {
+                "name": _string("Name of the Secret."),
+                "expiresAt": {**_TIMESTAMP, "description": "When the registry token in it expires."},
+                "attachedTo": _string("The service account whose imagePullSecrets the operator added it to."),
+            },
+        ),
+        "exchange": _object(
+            "The last check that a token of the service account exchanges for the identity.",
+            {
+                "identityId": _string("The identity checked."),
+                "identityUpdatedAt": _string("Its updateTime when checked."),
+                "verifiedAt": {**_TIMESTAMP, "description": "When it was checked."},
+                "result": _string("Verified or Failed.", enum=["Verified", "Failed"]),
+                "message": _string("The STS's answer when it failed."),
+            },
+        ),
         "conditions": {
             "type": "array",
-            "description": "Ready, Reconciling and Stalled, in the shape kstatus and kubectl wait read.",
+            "description": "Ready, Reconciling and Stalled, in the shape kstatus and kubectl wait read; "
+            "PullSecretReady and ExchangeVerified when those are turned on.",
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
             "items": condition,
@@ -354,6 +410,34 @@ def _items(value: object) -> list[Mapping[str, Any]]:
     if not isinstance(value, list):
         return []
     return [item for item in value if isinstance(item, Mapping)]
+
+
+def _pull_secret(value: object) -> PullSecretRecord | None:
+    if not isinstance(value, Mapping):
+        return None
+    name = _text(value.get("name"))
+    if name is None:
+        return None
+    return PullSecretRecord(
+        name=name, expires_at=_time(value.get("expiresAt")), attached_to=_text(value.get("attachedTo"))
+    )
+
+
+def _exchange(value: object) -> ExchangeRecord | None:
+    if not isinstance(value, Mapping):
+        return None
+    identity, at = _identity(value.get("identityId")), _time(value.get("verifiedAt"))
+    result, updated = value.get("result"), value.get("identityUpdatedAt", "")
+    if identity is None or at is None or result not in ("Verified", "Failed") or not isinstance(updated, str):
+        return None
+    message = value.get("message")
+    return ExchangeRecord(
+        identity_id=identity,
+        identity_updated_at=updated,
+        verified_at=at,
+        ok=result == "Verified",
+        message=message if isinstance(message, str) else "",
+    )
 
 
 def _text(value: object) -> str | None:

@@ -41,6 +41,7 @@ from chainguard_identity_operator.cluster import (
     ClusterClient,
     ConfigMapState,
     ObjectRef,
+    ServiceAccountState,
 )
 from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict
 from chainguard_identity_operator.config import Settings
@@ -181,8 +182,18 @@ class MemoryCluster(ClusterClient):
         value = found["data"].get("CHAINGUARD_IDENTITY")
         return value if isinstance(value, str) and value else None
 
-    async def service_account_exists(self, namespace: str, name: str) -> bool:
-        return self.kube.current("v1/serviceaccounts", namespace, name) is not None
+    async def read_service_account(self, namespace: str, name: str) -> ServiceAccountState | None:
+        found = self.kube.current("v1/serviceaccounts", namespace, name)
+        if found is None:
+            return None
+        names = tuple(ref.get("name", "") for ref in found.get("imagePullSecrets") or ())
+        return ServiceAccountState(pull_secrets=names)
+
+    async def set_image_pull_secret(self, namespace: str, account: str, secret: str, *, listed: bool) -> None:
+        raise ClusterError("the in-memory cluster keeps no imagePullSecrets", status=501)
+
+    async def request_token(self, namespace: str, account: str, *, audience: str, seconds: int = 600) -> str:
+        return self.kube.mint_token(namespace, account, audiences=[audience], expiration_seconds=seconds)
 
     async def cluster_id(self) -> str:
         found = self.kube.current("v1/namespaces", None, KUBE_SYSTEM)

@@ -55,6 +55,9 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "CGID_MAX_STATIC_LIFETIME": ("720h", datetime.timedelta(days=30)),
     "CGID_JWKS_MAX_STALENESS": ("30m", datetime.timedelta(minutes=30)),
     "CGID_MAX_IN_FLIGHT": ("50", 50),
+    "CGID_VERIFY_EXCHANGE": ("true", True),
+    "CGID_OPERATOR_SERVICE_ACCOUNT": ("identity-operator", "identity-operator"),
+    "CGID_VERIFY_INTERVAL": ("30m", datetime.timedelta(minutes=30)),
     "CGID_ALLOWED_PARENTS": (
         "c95870ebffa72a258df087ea727ee92daf177e29, c95870ebffa72a258df087ea727ee92daf177e29/0123456789abcdef",
         (

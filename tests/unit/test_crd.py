@@ -481,6 +481,15 @@ GOOD_SPECS = [
     pytest.param({"parent": ORG, "static": {"validFor": "720h", "renewBefore": "240h"}}, id="renewBefore"),
     pytest.param({"parent": ORG, "static": {"renewBefore": "719h59m59s"}}, id="renewBefore-default-validFor"),
     pytest.param({"parent": ORG, "roles": ["registry.pull", "viewer"], "adopt": IDENTITY}, id="adopt"),
+    pytest.param({"parent": ORG, "pullSecret": {"name": "pull", "refreshBefore": "50m"}}, id="refresh-max"),
+    pytest.param(
+        {
+            "parent": ORG,
+            "pullSecret": {"name": "pull", "attachToServiceAccount": True},
+            "verifyExchange": True,
+        },
+        id="pull-secret-attached",
+    ),
 ]
 
 XOR = "exactly one of spec.parent and spec.parentName must be set"
@@ -526,6 +535,16 @@ BAD_SPECS = [
         {"parent": ORG, "static": {"renewBefore": "721h"}},
         "spec.static.renewBefore must be shorter than spec.static.validFor",
         id="renewBefore-vs-default-validFor",
+    ),
+    pytest.param(
+        {"parent": ORG, "pullSecret": {"name": "pull", "refreshBefore": "51m"}},
+        "spec.pullSecret.refreshBefore must be more than 0s and at most 50m",
+        id="refresh-longer-than-a-token-lives",
+    ),
+    pytest.param(
+        {"parent": ORG, "pullSecret": {"name": "pull", "refreshBefore": "0s"}},
+        "spec.pullSecret.refreshBefore must be more than 0s and at most 50m",
+        id="refresh-zero",
     ),
 ]
 
@@ -578,7 +597,7 @@ def test_cel_rules_are_all_exercised_both_ways() -> None:
     rules = [
         rule["rule"] for _, node in walk(root_schema()) for rule in node.get("x-kubernetes-validations", [])
     ]
-    assert len(rules) == 6
+    assert len(rules) == 7
     assert {rule: CEL.seen.get(rule, set()) for rule in rules} == {rule: {True, False} for rule in rules}
 
 

@@ -27,9 +27,16 @@ from chainguard_identity_operator.chainguard.errors import (
     Unauthenticated,
     error_from_response,
 )
-from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict
+from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict, SecretConflict
 from chainguard_identity_operator.conditions import Health, Phase
-from chainguard_identity_operator.health import FAILURES, Failure, KeysUnavailable, NoConvergence, classify
+from chainguard_identity_operator.health import (
+    FAILURES,
+    AccessNotGranted,
+    Failure,
+    KeysUnavailable,
+    NoConvergence,
+    classify,
+)
 from chainguard_identity_operator.model import SpecError
 
 UTC = datetime.UTC
@@ -182,6 +189,16 @@ CASES: list[tuple[str, Exception, Expected]] = [
         "no-convergence",
         NoConvergence("the reconcile did not converge in 32 steps; please report this"),
         Expected(Phase.STALLED, "NotConverging", True, says=("did not converge",)),
+    ),
+    (
+        "pull-secret-conflict",
+        SecretConflict("Secret shop/pull exists and is not owned by this ChainguardIdentity"),
+        Expected(Phase.STALLED, "PullSecretConflict", False, says=("not owned by this ChainguardIdentity",)),
+    ),
+    (
+        "access-not-granted",
+        AccessNotGranted("Kubernetes API answered 403 Forbidden; ... need this Role in shop"),
+        Expected(Phase.STALLED, "AccessNotGranted", True, says=("need this Role",)),
     ),
     (
         "config-map-conflict",

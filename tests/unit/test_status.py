@@ -15,7 +15,9 @@ import pytest
 from chainguard_identity_operator.status import (
     BindingRecord,
     Condition,
+    ExchangeRecord,
     IdentityStatus,
+    PullSecretRecord,
     Retiring,
     RotationPending,
     schema,
@@ -52,6 +54,12 @@ FULL = IdentityStatus(
     retiring=(Retiring(OLD, datetime.datetime(2026, 11, 23, 10, 10, tzinfo=UTC)),),
     rotation_request="2026-11-01",
     rotation_pending=RotationPending("2026-11-02", "2026-11-23T09:59:00+00:00"),
+    pull_secret=PullSecretRecord(
+        "puller-pull", datetime.datetime(2026, 11, 23, 11, 0, tzinfo=UTC), attached_to="default"
+    ),
+    exchange=ExchangeRecord(
+        IDENTITY, "2026-11-23T09:59:00+00:00", datetime.datetime(2026, 11, 23, 10, 0, tzinfo=UTC), True, ""
+    ),
     conditions=(
         Condition("Ready", "True", "IdentityReady", "identity ready", 3, WHEN),
         Condition("Reconciling", "False", "Idle", "nothing to do", 3, WHEN),
