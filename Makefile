@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: sandbox serve test controlplane lint crd bench clean
+.PHONY: sandbox serve test controlplane tools lint crd bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,19 @@ sandbox: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(BIN)/cgid-sandbox --serve --workdir sandbox-state
 
-# The real control plane (kube-apiserver, kube-controller-manager, etcd) is built from the Go module proxy
-# once and cached; with KUBEBUILDER_ASSETS set (setup-envtest's folder) nothing is built. Without Go, a
-# local run warns and skips that tier — under CI (CI=true) it fails.
+# The real control plane (kube-apiserver, kube-controller-manager, etcd) and the real clients the tests
+# drive (crane, hack/tools/build.sh) are built from the Go module proxy once and cached; with
+# KUBEBUILDER_ASSETS set (setup-envtest's folder) the control plane is not built. Without Go, a local run
+# warns and skips those tests — under CI (CI=true) it fails.
 test: $(VENV)/.installed
-	@if [ -n "$$KUBEBUILDER_ASSETS" ]; then \
+	@if tools=$$(bash hack/tools/build.sh); then \
+		export CGID_TOOLS_BIN="$$tools"; \
+	elif [ "$$CI" = "true" ]; then \
+		echo "make test: building the tools (crane) failed" >&2; exit 1; \
+	else \
+		echo "make test: no crane (see hack/tools/build.sh); the real registry client's tests are skipped" >&2; \
+	fi; \
+	if [ -n "$$KUBEBUILDER_ASSETS" ]; then \
 		$(BIN)/pytest; \
 	elif dir=$$(bash hack/controlplane/build.sh); then \
 		CGID_CONTROLPLANE_BIN="$$dir" $(BIN)/pytest; \
@@ -41,6 +49,9 @@ test: $(VENV)/.installed
 controlplane:
 	bash hack/controlplane/build.sh
 
+tools:
+	bash hack/tools/build.sh
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check operator testkit tests bench
 	$(BIN)/ruff format --check operator testkit tests bench
@@ -50,8 +61,11 @@ lint: $(VENV)/.installed
 crd: $(VENV)/.installed
 	$(BIN)/python -m chainguard_identity_operator.crd > crds/chainguardidentity.yaml
 
+# N = 1,000 on the real control plane by default (bench/convergence.py --help); for example
+#   make bench BENCH_ARGS='--n 1000 --concurrency 20 --latency-ms 50 --json out.json'
+BENCH_ARGS ?=
 bench: $(VENV)/.installed
-	$(BIN)/python bench/convergence.py
+	$(BIN)/python bench/convergence.py --n 1000 $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -17,6 +17,7 @@ import pytest
 
 from cgid_testkit.controlplane import ControlPlane, ControlPlaneUnavailable, find_binaries
 from cgid_testkit.harness import PUBLIC_ISSUER
+from cgid_testkit.tools import ToolUnavailable, find_crane
 
 _VERSION = pytest.StashKey[str]()
 
@@ -66,6 +67,20 @@ def needs_controller_manager(control_plane: ControlPlane) -> None:
         pytest.skip(
             "needs kube-controller-manager (garbage collection, namespaces); KUBEBUILDER_ASSETS has none"
         )
+
+
+@pytest.fixture(scope="session")
+def crane() -> pathlib.Path:
+    """The real crane (go-containerregistry), a registry client nobody here wrote; skipped without it,
+    except under CI, where it is a failure."""
+    try:
+        found = find_crane()
+    except ToolUnavailable as exc:
+        pytest.fail(str(exc)) if _in_ci() else pytest.skip(str(exc))
+    if found is None:
+        message = "no crane: `make tools` (or `make test`) builds it with hack/tools/build.sh"
+        pytest.fail(message) if _in_ci() else pytest.skip(message)
+    return found
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

@@ -62,6 +62,7 @@ class AccessObserved:
     attached_to: str | None = None  # the account the operator added the secret to, as status records
     exchange: ExchangeRecord | None = None
     refresh_failed: str | None = None  # the STS's answer when a refresh failed in this pass
+    checked: bool = False  # the exchange was checked in this pass
 
 
 # -- actions ------------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ class ListPullSecret:
 
 @dataclasses.dataclass(frozen=True)
 class VerifyExchange:
-    reason: str  # "never", "identity-changed", "due"
+    reason: str  # "never", "identity-changed", "failed", "due"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +188,8 @@ def decide_access(target: AccessTarget, observed: AccessObserved, now: datetime.
             observed.identity_updated_at,
         ):
             return VerifyExchange(reason="identity-changed")
+        if not record.ok and not observed.checked:
+            return VerifyExchange(reason="failed")  # each pass, with its backoff: see access_retry
         next_check = record.verified_at + target.verify_interval
         if now >= next_check:
             return VerifyExchange(reason="due")
@@ -246,8 +249,17 @@ def fold_access(observed: AccessObserved, result: AccessResult) -> AccessObserve
                 observed, account_pull_secrets=now_listed, attached_to=name if listed else None
             )
         case Checked(record=record):
-            return dataclasses.replace(observed, exchange=record)
+            return dataclasses.replace(observed, exchange=record, checked=True)
     raise ValueError(f"{type(result).__name__} is not an access result")
+
+
+def access_retry(target: AccessTarget, observed: AccessObserved) -> bool:
+    """Whether the pass must come again with the transient backoff although the identity is fine: a
+    refresh failed (the old token may have minutes left), or the exchange does not work (a fix outside
+    — keys repaired, permissions propagated — should show within seconds, not a verification interval)."""
+    refresh = target.pull_secret is not None and observed.refresh_failed is not None
+    record = observed.exchange
+    return refresh or (target.verify and record is not None and not record.ok)
 
 
 # -- what it says ---------------------------------------------------------------------------------------

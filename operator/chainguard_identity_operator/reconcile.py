@@ -49,6 +49,7 @@ from chainguard_identity_operator.access import (
     VerifyExchange,
     WritePullSecret,
     access_conditions,
+    access_retry,
     config_json,
     decide_access,
     digest,
@@ -692,6 +693,12 @@ def _needs_access(ctx: Context, spec: IdentitySpec, previous: IdentityStatus) ->
     return spec.pull_secret is not None or verify or previous.pull_secret is not None
 
 
+def _access_retry(state: _Pass | None) -> bool:
+    if state is None or state.access is None or state.access_target is None:
+        return False
+    return access_retry(state.access_target, state.access)
+
+
 def access_health(target: AccessTarget, observed: AccessObserved, now: datetime.datetime) -> Health | None:
     """What keeps a resource whose identity is in shape from Ready (None: nothing)."""
     record = observed.exchange
@@ -826,6 +833,8 @@ async def _perform_access(
             try:
                 await _sts(ctx).exchange(subject, audience=API_AUDIENCE, identity=identity.uid)
             except APIError as exc:
+                if exc.transient:
+                    raise  # the STS is down or busy: that says nothing about the identity
                 record = ExchangeRecord(
                     identity.uid, _updated_at(identity), now, ok=False, message=exc.message
                 )
@@ -976,7 +985,7 @@ async def reconcile(ctx: Context, resource: Resource) -> Outcome:
         events=tuple(events),
         wake_at=wake_at,
         retry_after=failure.retry_after if failure is not None else None,
-        transient=failure.transient if failure is not None else False,
+        transient=failure.transient if failure is not None else _access_retry(state),
         rotated=state.rotated if state is not None else None,
     )
 

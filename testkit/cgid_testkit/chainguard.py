@@ -737,6 +737,15 @@ class ChainguardEmulator:
         key = jwt.algorithms.RSAAlgorithm.to_jwk(self._key.public_key(), as_dict=True)
         return {"keys": [{**key, "kid": self._kid, "alg": "RS256", "use": "sig"}]}
 
+    def now(self) -> datetime.datetime:
+        """The emulator's clock: what its tokens' ``iat``/``exp`` and its expiry checks read."""
+        return self._clock()
+
+    def can(self, subject: str, capability: str, group: str) -> bool:
+        """Whether ``subject`` (an identity, or a root admin of :meth:`mint_api_token`) holds
+        ``capability`` on ``group`` through a role bound there or on an ancestor."""
+        return self._can(_Caller(subject=subject, root=subject in self._root_subjects), capability, group)
+
     # -- plumbing -------------------------------------------------------------------------------------
 
     def _add_routes(self, app: web.Application) -> None:

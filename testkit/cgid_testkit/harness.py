@@ -54,6 +54,7 @@ import kopf
 from cgid_testkit.chainguard import ChainguardEmulator
 from cgid_testkit.controlplane import ControlPlane
 from cgid_testkit.kube import KubeEmulator, write_kubeconfig
+from cgid_testkit.registry import RegistryEmulator
 from chainguard_identity_operator import handlers, naming
 from chainguard_identity_operator.chainguard.types import format_time, parse_time
 from chainguard_identity_operator.config import Settings
@@ -422,6 +423,7 @@ class World:
     clock: Clock
     cluster_id: str  # the kube-system namespace's UID, which ownership markers carry
     namespaces: Mapping[str, str]  # a scenario's namespace name -> the namespace on this backend
+    registry: RegistryEmulator  # cgr.dev's pull path, for pull secrets (its host is Settings.registry)
     runtime: Runtime | None = None
     _operator: OperatorThread | None = None
     _operator_token_expires: datetime.datetime | None = None  # on the real server: made once
@@ -813,6 +815,7 @@ async def world(
         async with (
             _cluster(control_plane, issuer, clock, workdir) as (backend, namespaces),
             _chainguard(shared, clock, chainguard_options, backend.issuer_ssl) as chainguard,
+            RegistryEmulator(chainguard) as registry,
         ):
             if routable:
                 routed = chainguard.issuer_routes.get(issuer)
@@ -871,6 +874,7 @@ async def world(
                 "replacement_grace": datetime.timedelta(seconds=5),
                 "operator_namespace": operator_namespace,
                 "identity_config_map": "operator-chainguard-identity",
+                "registry": registry.host,  # what ConfigMaps name and pull secrets hold credentials for
                 "metrics_port": 0,
             }
             if isinstance(backend, RealKube):
@@ -887,6 +891,7 @@ async def world(
                 clock=clock,
                 cluster_id=await backend.kube_system_uid(),
                 namespaces=namespaces,
+                registry=registry,
             )
             await the_world._write_operator_token()
             failed = False

@@ -9,11 +9,16 @@ lets the garbage collector remove the ConfigMap. See conftest.py for what runs w
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import copy
+import json
+import os
 import pathlib
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import yaml
 from e2e_support import OPERATOR_SUBJECT, ROOT, Cluster, Operator, wait_until
@@ -172,3 +177,110 @@ async def test_edits_converge_bad_specs_stall_and_delete_runs_the_finalizer(oper
         return await op.cluster.get("configmap", ns, "ci-runner-chainguard-identity") is None
 
     await wait_until(config_map_collected, what="the garbage collector to remove the owned ConfigMap")
+
+
+def manifests(file: str, namespace: str) -> list[dict[str, Any]]:
+    """Every document of a shipped example, moved into the test's namespace."""
+    docs = [doc for doc in yaml.safe_load_all((EXAMPLES / file).read_text()) if doc]
+    for doc in docs:
+        doc["metadata"]["namespace"] = namespace
+    return docs
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(c for c in obj["status"]["conditions"] if c["type"] == kind)
+    return found
+
+
+async def test_a_tenant_grants_the_role_and_gets_a_pull_secret_and_a_checked_exchange(
+    operator: Operator,
+) -> None:
+    """Without the tenant's Role the operator can mint no token of the tenant's service account (the
+    real RBAC says no) and says which Role it needs; with examples/pull-secret-role.yaml applied, the
+    Secret holds a registry token of the identity, the service account lists it once, the exchange is
+    checked — and the operator still cannot mint a token of any other service account there."""
+    op, ns = operator, operator.namespace
+    await op.cluster.kubectl("create", "serviceaccount", "builder", "-n", ns)
+    await op.cluster.kubectl("create", "serviceaccount", "bystander", "-n", ns)
+    (resource,) = manifests("pull-secret.yaml", ns)
+    resource["spec"].pop("parentName")
+    resource["spec"]["parent"] = op.org
+    resource["spec"]["mode"] = "Static"  # the emulator cannot reach this cluster's issuer
+    await op.cluster.apply(resource)
+
+    stalled = await op.wait_for_condition("builder", "Stalled")
+    refusal = condition(stalled, "Stalled")
+    assert refusal["reason"] == "AccessNotGranted", refusal
+    assert "forbidden" in refusal["message"].lower()  # the API server's own answer, quoted
+    asked = json.loads(refusal["message"].split("kubectl apply -f -): ", 1)[1])
+    shipped = manifests("pull-secret-role.yaml", ns)
+    assert asked["items"] == shipped, "the Role the condition asks for is not the one examples/ ship"
+    assert await op.cluster.get("secret", ns, "builder-pull") is None
+
+    # What the namespace's admin does, exactly as docs/ADMIN.md says.
+    pipeline = (
+        f"kubectl get cgid builder -n {ns} -o jsonpath='{{.status.conditions[?(@.type==\"Stalled\")].message}}' "
+        "| sed 's/.*kubectl apply -f -): //' | kubectl apply -f -"
+    )
+    shell = await asyncio.create_subprocess_shell(
+        pipeline,
+        env={**os.environ, "KUBECONFIG": str(op.cluster.kubeconfig)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(shell.communicate(), timeout=60)
+    assert shell.returncode == 0, out.decode()
+    assert "role.rbac.authorization.k8s.io/chainguard-identity-operator-builder created" in out.decode()
+    await op.wait_for_condition("builder", "PullSecretReady")
+    ready = await op.wait_for_condition("builder", "Ready")
+    verified = await op.wait_for_condition("builder", "ExchangeVerified")
+    identity = ready["status"]["identityId"]
+    assert identity in condition(verified, "ExchangeVerified")["message"]
+    assert verified["status"]["exchange"]["result"] == "Verified"
+
+    secret = await op.cluster.get("secret", ns, "builder-pull")
+    assert secret is not None
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == ready["metadata"]["uid"]
+    config = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
+    ((registry, entry),) = config["auths"].items()
+    assert registry == op.settings.registry
+    user, _, token = base64.b64decode(entry["auth"]).decode().partition(":")
+    assert user == "_token"
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["sub"] == identity  # the identity's own token, minted by the STS
+    assert claims["aud"] == registry
+    assert claims["act"]["sub"] == f"system:serviceaccount:{ns}:builder"  # exchanged for builder's token
+    account = await op.cluster.get("serviceaccount", ns, "builder")
+    assert account is not None
+    assert account["imagePullSecrets"] == [{"name": "builder-pull"}]
+
+    async def operator_may(verb: str, what: str, name: str) -> bool:
+        resource, _, subresource = what.partition("/")
+        flags = [f"--subresource={subresource}"] if subresource else []
+        out = await op.cluster.kubectl(
+            "auth",
+            "can-i",
+            verb,
+            f"{resource}/{name}",
+            f"--as={OPERATOR_SUBJECT}",
+            "-n",
+            ns,
+            *flags,
+            check=False,
+        )
+        return out.strip() == "yes"
+
+    assert await operator_may("create", "serviceaccounts/token", "builder")
+    assert not await operator_may("create", "serviceaccounts/token", "bystander")
+    assert not await operator_may("get", "secrets", "bystander-token")
+
+    # Turning attachToServiceAccount off takes exactly that entry out again.
+    resource["spec"]["pullSecret"]["attachToServiceAccount"] = False
+    await op.cluster.apply(resource)
+
+    async def detached() -> dict[str, Any] | None:
+        found = await op.cluster.get("serviceaccount", ns, "builder")
+        return found if found is not None and not found.get("imagePullSecrets") else None
+
+    await wait_until(detached, what="builder-pull to leave the service account's imagePullSecrets")

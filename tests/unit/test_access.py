@@ -24,6 +24,7 @@ from chainguard_identity_operator.access import (
     VerifyExchange,
     WritePullSecret,
     access_conditions,
+    access_retry,
     config_json,
     decide_access,
     digest,
@@ -227,3 +228,22 @@ def test_the_role_a_tenant_grants_names_one_service_account_and_one_secret() -> 
         resource="puller",
     )
     assert [r["resources"] for r in verify_only["rules"]] == [["serviceaccounts/token"]]
+
+
+def test_a_failed_check_is_tried_again_on_the_next_pass_not_an_hour_later() -> None:
+    """A failed exchange check (the STS said no) is retried with the pass's backoff, once per pass:
+    waiting a verification interval would leave a fixed identity reported broken for an hour."""
+    failed = settled(exchange=checked(NOW - datetime.timedelta(seconds=5), ok=False))
+    assert decide_access(TARGET, failed, NOW) == VerifyExchange("failed")
+    again = fold_access(failed, Checked(checked(NOW, ok=False)))
+    assert isinstance(decide_access(TARGET, again, NOW), AccessDone)  # once per pass: no hot loop
+    assert access_retry(TARGET, again)
+    fixed = fold_access(failed, Checked(checked(NOW)))
+    assert isinstance(decide_access(TARGET, fixed, NOW), AccessDone)
+    assert not access_retry(TARGET, fixed)
+
+
+def test_a_failed_refresh_asks_for_the_backoff_and_a_settled_resource_does_not() -> None:
+    assert not access_retry(TARGET, settled())
+    assert access_retry(TARGET, settled(refresh_failed="STS said no"))
+    assert not access_retry(dataclasses.replace(TARGET, verify=False), settled(exchange=checked(ok=False)))

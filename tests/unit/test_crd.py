@@ -25,6 +25,7 @@ from celpy.celtypes import BoolType
 from celpy.evaluation import CELEvalError
 
 from chainguard_identity_operator import crd
+from chainguard_identity_operator.access import required_role
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.durations import parse_duration
 from chainguard_identity_operator.model import SpecError, default_config_map_name, parse_spec
@@ -32,7 +33,7 @@ from chainguard_identity_operator.model import SpecError, default_config_map_nam
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "chainguardidentity.yaml"
 EXAMPLES = ROOT / "examples"
-CR_EXAMPLES = ("claimmatch.yaml", "static.yaml", "auto.yaml", "operator-identity.yaml")
+CR_EXAMPLES = ("claimmatch.yaml", "static.yaml", "auto.yaml", "operator-identity.yaml", "pull-secret.yaml")
 
 ORG = "c95870ebffa72a258df087ea727ee92daf177e29"
 IDENTITY = f"{ORG}/f067a9080d45a098"
@@ -668,3 +669,23 @@ def test_pod_example_reads_the_claimmatch_config_map() -> None:
     token = source["serviceAccountToken"]
     assert token["audience"] == identity["spec"]["audience"] == "issuer.enforce.dev"
     assert f"{mount['mountPath']}/{token['path']}" in script
+
+
+def test_the_pull_secret_role_example_is_what_the_operator_asks_for() -> None:
+    """AccessNotGranted quotes access.required_role; the shipped Role must be the same, so a tenant who
+    applies either gets the same grant (the e2e suite proves the real RBAC lets it work)."""
+    identity = admit(load_example("pull-secret.yaml"))[0]
+    spec = parse_spec(
+        identity["metadata"]["namespace"], identity["metadata"]["name"], identity["spec"], operator_settings()
+    )
+    settings = operator_settings()
+    wanted = required_role(
+        namespace=spec.namespace,
+        service_account=spec.service_account_name,
+        pull_secret=spec.pull_secret,
+        operator_namespace=settings.operator_namespace,
+        operator_service_account=settings.operator_service_account,
+        resource=identity["metadata"]["name"],
+    )
+    shipped = [doc for doc in yaml.safe_load_all((EXAMPLES / "pull-secret-role.yaml").read_text()) if doc]
+    assert shipped == wanted

@@ -1,0 +1,47 @@
+"""Where the third-party clients the tests drive are: today ``crane`` (go-containerregistry).
+
+They are built by ``hack/tools/build.sh`` (``make tools``, and ``make test`` first) from the Go module
+proxy into a per-version cache folder, never committed. :func:`find_crane` looks where that script puts
+them: the folder ``CGID_TOOLS_BIN`` names (``make test`` sets it to the script's output), then the
+newest ``crane-<version>`` folder of the cache (``CGID_TOOLS_CACHE``, default
+``~/.cache/chainguard-identity-operator/tools``).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from collections.abc import Mapping
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = ROOT / "hack" / "tools" / "build.sh"
+DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "chainguard-identity-operator" / "tools"
+_VERSIONED = re.compile(r"^crane-v(\d+)\.(\d+)\.(\d+)$")
+
+
+class ToolUnavailable(Exception):
+    """A tool was asked for explicitly (an environment variable) and is not there."""
+
+
+def find_crane(env: Mapping[str, str] = os.environ) -> pathlib.Path | None:
+    """The crane binary: in ``CGID_TOOLS_BIN``, else the cache's newest version; None when none."""
+    folder = env.get("CGID_TOOLS_BIN")
+    if folder:
+        crane = pathlib.Path(folder) / "crane"
+        if not _executable(crane):
+            raise ToolUnavailable(f"CGID_TOOLS_BIN={folder} holds no crane")
+        return crane
+    cache = pathlib.Path(env.get("CGID_TOOLS_CACHE") or DEFAULT_CACHE)
+    if not cache.is_dir():
+        return None
+    versions = []
+    for entry in cache.iterdir():
+        match = _VERSIONED.fullmatch(entry.name)
+        if match is not None and _executable(entry / "crane"):
+            versions.append((tuple(int(part) for part in match.groups()), entry / "crane"))
+    return max(versions)[1] if versions else None
+
+
+def _executable(path: pathlib.Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
