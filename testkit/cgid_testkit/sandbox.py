@@ -4,7 +4,9 @@ It starts the emulated cluster, the emulated Chainguard and the real operator in
 the examples (a ClaimMatch and a Static identity), and prints each identity, its status and ConfigMap,
 then runs the seeds' pod flow — a projected service-account token exchanged at the STS for an API
 token, then the repository list — and shows that another service account's token is refused. Then it
-fast-forwards time past the static identity's renewal point and shows the rotation. Last, a tenant in
+keeps a pull secret for a service account (examples/pull-secret.yaml), pulls from the emulated registry
+with it and shows the operator's check that the exchange works. Then it fast-forwards time past the
+static identity's renewal point and shows the rotation. Last, a tenant in
 ``shop`` tries to adopt the operator's own identity: the sandbox shows the refusal and checks that the
 identity was not touched.
 
@@ -15,21 +17,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import copy
 import datetime
+import json
 import logging
 import pathlib
+import re
 import signal
 from typing import Any
 
+import httpx
 import yaml
 
-from cgid_testkit.harness import World, world
+from cgid_testkit.harness import ORG_NAME, World, world
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 SHOWN = ("claimmatch.yaml", "static.yaml")
 OWN = "operator-identity.yaml"
+PULL = "pull-secret.yaml"
 
 
 def _examples(org: str, *, names: tuple[str, ...] = SHOWN, adopt: str | None = None) -> list[dict[str, Any]]:
@@ -114,6 +121,8 @@ async def run_sandbox(*, serve: bool, workdir: pathlib.Path | None) -> int:
             ok &= refused
             _line()
 
+        ok &= await _pull_secret(w)
+
         own = _examples(w.org, names=(OWN,), adopt=w.operator_identity)[0]
         await w.apply(own)
         namespace, name = own["metadata"]["namespace"], own["metadata"]["name"]
@@ -147,6 +156,75 @@ async def run_sandbox(*, serve: bool, workdir: pathlib.Path | None) -> int:
             await _wait_for_interrupt()
         _line("sandbox: all checks passed" if ok else "sandbox: SOME CHECKS FAILED")
         return 0 if ok else 1
+
+
+async def _pull_secret(w: World) -> bool:
+    """examples/pull-secret.yaml: a Secret kept full of registry tokens, listed in the service account,
+    a pull with it from the emulated registry, and the operator's own check that the exchange works."""
+    (manifest,) = _examples(w.org, names=(PULL,))
+    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    spec = manifest["spec"]
+    w.kube.add_service_account(namespace, spec["serviceAccountName"])
+    # The emulated cluster enforces no RBAC; on a real one the namespace's admin applies
+    # examples/pull-secret-role.yaml first, or the resource says AccessNotGranted with that Role.
+    await w.apply(manifest)
+    _line(
+        f"applied {PULL}: a pull secret and a checked exchange for {namespace}:{spec['serviceAccountName']}"
+    )
+    await w.wait_condition(namespace, name, "ExchangeVerified", "True", timeout=60)
+    obj = await w.wait_ready(namespace, name, timeout=60)
+    conditions = {c["type"]: c for c in obj["status"]["conditions"]}
+    record = obj["status"].get("pullSecret", {})
+    secret_name = spec["pullSecret"]["name"]
+    _line(f"  {namespace}/{name}: identity {obj['status']['identityId']}")
+    _line(
+        f"    Secret       {secret_name} (kubernetes.io/dockerconfigjson), token until {record.get('expiresAt')}"
+    )
+    if record.get("attachedTo"):
+        _line(f"    listed in    the imagePullSecrets of ServiceAccount {spec['serviceAccountName']}")
+    for kind in ("PullSecretReady", "ExchangeVerified"):
+        _line(
+            f"    {kind:<16} {conditions[kind]['status']} {conditions[kind]['reason']}: {conditions[kind]['message']}"
+        )
+    config = await _secret_config(w, namespace, secret_name)
+    pulled = await _pull(w, config, f"{ORG_NAME}/python:latest")
+    _line(f"    a pull of {w.registry.host}/{ORG_NAME}/python:latest with it: {pulled}")
+    _line()
+    return pulled.startswith("OK") and conditions["ExchangeVerified"]["status"] == "True"
+
+
+async def _secret_config(w: World, namespace: str, name: str) -> dict[str, Any]:
+    async with w.client() as client:
+        response = await client.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+    response.raise_for_status()
+    config: dict[str, Any] = json.loads(base64.b64decode(response.json()["data"][".dockerconfigjson"]))
+    return config
+
+
+async def _pull(w: World, config: dict[str, Any], reference: str) -> str:
+    """What a kubelet does with the Secret: the registry's token handshake, then the manifest."""
+    (host, entry), *_ = config["auths"].items()
+    repository, _, tag = reference.partition(":")
+    async with httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as client:
+        challenge = (await client.get("/v2/")).headers.get("WWW-Authenticate", "")
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+        answer = await client.get(
+            fields["realm"],
+            params={"service": fields["service"], "scope": f"repository:{repository}:pull"},
+            headers={"Authorization": f"Basic {entry['auth']}"},
+        )
+        if answer.status_code != 200:
+            return f"refused: HTTP {answer.status_code}"
+        manifest = await client.get(
+            f"/v2/{repository}/manifests/{tag}",
+            headers={
+                "Authorization": f"Bearer {answer.json()['token']}",
+                "Accept": "application/vnd.oci.image.manifest.v1+json",
+            },
+        )
+    if manifest.status_code != 200:
+        return f"refused: HTTP {manifest.status_code}"
+    return f"OK, manifest {manifest.headers.get('Docker-Content-Digest')}"
 
 
 async def _rotation(w: World, namespace: str, name: str) -> bool:
