@@ -20,15 +20,54 @@ import dataclasses
 import datetime
 from collections.abc import Callable
 
+from chainguard_identity_operator import naming
 from chainguard_identity_operator.chainguard.client import ChainguardClient
 from chainguard_identity_operator.chainguard.types import Identity, RoleBinding
 
 
 @dataclasses.dataclass
 class _Listing:
+    """One parent's identities and bindings, indexed the two ways every pass asks: by the object an
+    identity's marker names (so a pass looks at its own few identities, not the parent's thousand —
+    each marker is parsed once, when the identity enters the listing) and bindings by identity."""
+
     read_at: datetime.datetime
-    identities: dict[str, Identity]
-    bindings: dict[str, RoleBinding]
+    identities: dict[str, Identity] = dataclasses.field(default_factory=dict)
+    bindings: dict[str, RoleBinding] = dataclasses.field(default_factory=dict)
+    marked: dict[tuple[str, str], set[str]] = dataclasses.field(default_factory=dict)  # (ns, name) → uids
+    bound: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # identity uid → binding uids
+
+    def put_identity(self, identity: Identity) -> None:
+        self.drop_identity(identity.uid, bindings=False)  # its marker may have changed
+        self.identities[identity.uid] = identity
+        marker = naming.parse_marker(identity.description)
+        if marker is not None:
+            self.marked.setdefault((marker.namespace, marker.name), set()).add(identity.uid)
+
+    def drop_identity(self, uid: str, *, bindings: bool = True) -> None:
+        old = self.identities.pop(uid, None)
+        marker = naming.parse_marker(old.description) if old is not None else None
+        if marker is not None:
+            uids = self.marked.get((marker.namespace, marker.name), set())
+            uids.discard(uid)
+            if not uids:
+                self.marked.pop((marker.namespace, marker.name), None)
+        if bindings:
+            for binding_uid in self.bound.pop(uid, set()):
+                self.bindings.pop(binding_uid, None)
+
+    def put_binding(self, binding: RoleBinding) -> None:
+        self.drop_binding(binding.uid)
+        self.bindings[binding.uid] = binding
+        self.bound.setdefault(binding.identity_uid, set()).add(binding.uid)
+
+    def drop_binding(self, uid: str) -> None:
+        old = self.bindings.pop(uid, None)
+        if old is not None:
+            uids = self.bound.get(old.identity_uid, set())
+            uids.discard(uid)
+            if not uids:
+                self.bound.pop(old.identity_uid, None)
 
 
 _Write = Callable[[_Listing], None]
@@ -62,11 +101,11 @@ class Directory:
                 bindings = await self._client.list_role_bindings(group=parent)
             finally:
                 del self._journals[parent]
-            listing = _Listing(
-                read_at=now,
-                identities={identity.uid: identity for identity in identities},
-                bindings={binding.uid: binding for binding in bindings},
-            )
+            listing = _Listing(read_at=now)
+            for identity in identities:
+                listing.put_identity(identity)
+            for binding in bindings:
+                listing.put_binding(binding)
             for write in journal:
                 write(listing)
             if parent in self._stale_on_arrival:
@@ -80,6 +119,14 @@ class Directory:
     async def identities(self, parent: str) -> tuple[Identity, ...]:
         return tuple((await self._listing(parent)).identities.values())
 
+    async def marked(self, parent: str, namespace: str, name: str) -> tuple[Identity, ...]:
+        """The parent's identities whose marker names the object ``namespace/name`` — of any cluster and
+        either marker form: whose they are is for ``policy.claim_of`` to say. No other identity can be
+        that object's, so a pass need not look at the rest."""
+        listing = await self._listing(parent)
+        uids = sorted(listing.marked.get((namespace, name), ()))
+        return tuple(listing.identities[uid] for uid in uids)
+
     async def identity(self, uid: str) -> Identity | None:
         listing = await self._listing(uid.rsplit("/", 1)[0])
         return listing.identities.get(uid)
@@ -87,7 +134,7 @@ class Directory:
     async def bindings(self, identity: Identity) -> tuple[RoleBinding, ...]:
         """The identity's role bindings in its own parent (the only group the operator binds in)."""
         listing = await self._listing(identity.parent)
-        return tuple(b for b in listing.bindings.values() if b.identity_uid == identity.uid)
+        return tuple(listing.bindings[uid] for uid in sorted(listing.bound.get(identity.uid, ())))
 
     def invalidate(self, parent: str) -> None:
         """Forget the parent's listing: the next read asks the API (after a write whose outcome is unknown).
@@ -107,28 +154,14 @@ class Directory:
             journal.append(write)
 
     def put_identity(self, identity: Identity) -> None:
-        def put(listing: _Listing) -> None:
-            listing.identities[identity.uid] = identity
-
-        self._write(identity.parent, put)
+        self._write(identity.parent, lambda listing: listing.put_identity(identity))
 
     def drop_identity(self, uid: str) -> None:
-        def drop(listing: _Listing) -> None:
-            listing.identities.pop(uid, None)
-            for binding_uid in [b.uid for b in listing.bindings.values() if b.identity_uid == uid]:
-                del listing.bindings[binding_uid]
-
-        self._write(uid.rsplit("/", 1)[0], drop)
+        self._write(uid.rsplit("/", 1)[0], lambda listing: listing.drop_identity(uid))
 
     def put_binding(self, binding: RoleBinding) -> None:
-        def put(listing: _Listing) -> None:
-            listing.bindings[binding.uid] = binding
-
-        self._write(binding.group_uid, put)
+        self._write(binding.group_uid, lambda listing: listing.put_binding(binding))
 
     def drop_binding(self, uid: str) -> None:
-        def drop(listing: _Listing) -> None:
-            listing.bindings.pop(uid, None)
-
         for parent in {*self._listings, *self._journals}:
-            self._write(parent, drop)
+            self._write(parent, lambda listing: listing.drop_binding(uid))

@@ -73,6 +73,8 @@ class Metrics:
     def __init__(self) -> None:
         self._values: dict[str, dict[Labels, float]] = collections.defaultdict(dict)
         self._gauges: dict[str, Callable[[], float]] = {}  # read when rendered
+        # Each resource's series, so forgetting one deleted resource is not a scan of everyone's.
+        self._series_of: dict[tuple[str, str], set[tuple[str, Labels]]] = collections.defaultdict(set)
 
     def gauge(self, metric: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read from ``read`` whenever the metrics are rendered."""
@@ -97,7 +99,9 @@ class Metrics:
         phase: str = "",
     ) -> None:
         key = _labels(namespace=namespace, name=name)
+        mine = self._series_of[(namespace, name)]
         self._values["chainguard_identity_ready"][key] = 1.0 if ready else 0.0
+        mine.add(("chainguard_identity_ready", key))
         if phase:
             passes = self._values["chainguard_identity_reconciles_total"]
             outcome = _labels(outcome=phase)
@@ -110,19 +114,20 @@ class Metrics:
                 self._values[metric].pop(key, None)
             else:
                 self._values[metric][key] = when.timestamp()
+                mine.add((metric, key))
         if rotated is not None:
             rotation = _labels(namespace=namespace, name=name, reason=rotated)
             series = self._values["chainguard_identity_rotations_total"]
             series[rotation] = series.get(rotation, 0.0) + 1
+            mine.add(("chainguard_identity_rotations_total", rotation))
 
     def total(self, metric: str) -> float:
         """The sum of every series of ``metric`` (for tests and the bench)."""
         return sum(self._values.get(metric, {}).values())
 
     def forget_identity(self, namespace: str, name: str) -> None:
-        for series in self._values.values():
-            for key in [k for k in series if ("namespace", namespace) in k and ("name", name) in k]:
-                del series[key]
+        for metric, key in self._series_of.pop((namespace, name), set()):
+            self._values[metric].pop(key, None)
 
     # -- reading ------------------------------------------------------------------------------------
 

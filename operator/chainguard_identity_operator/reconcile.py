@@ -319,8 +319,19 @@ class _Snapshot:
 
 
 async def _existing(ctx: Context, uids: Iterable[str]) -> list[Identity]:
-    found = [await ctx.directory.identity(uid) for uid in uids]
-    return [identity for identity in found if identity is not None]
+    """The identities of these IDs that exist. The listing answers first; one it does not show is looked
+    up, because a listing is no proof of absence — one paged while others delete skips live objects —
+    and an identity known by ID must not be forgotten (leaked) or made again on a listing's word."""
+    found = []
+    for uid in uids:
+        identity = await ctx.directory.identity(uid)
+        if identity is None:
+            identity = await ctx.chainguard.get_identity(uid)
+            if identity is not None:
+                ctx.directory.put_identity(identity)  # the listing missed it: it holds it from now on
+        if identity is not None:
+            found.append(identity)
+    return found
 
 
 async def _observe(
@@ -336,7 +347,7 @@ async def _observe(
     evidence: policy.Evidence | None,
 ) -> _Snapshot:
     settings = ctx.settings
-    listed = await ctx.directory.identities(parent)
+    listed = await ctx.directory.marked(parent, owner.namespace, owner.name)
     # Status is the tenant's to write: only identities under this resource's parents are looked at, and
     # only a few, so a forged list costs the API nothing worth mentioning.
     parents = {parent, *([previous.parent] if previous.parent else [])}
@@ -1213,7 +1224,9 @@ async def finalize(ctx: Context, resource: Resource) -> Sequence[Event]:
     events: list[Event] = []
     try:
         listed = [
-            identity for parent in sorted(parents) for identity in await ctx.directory.identities(parent)
+            identity
+            for parent in sorted(parents)
+            for identity in await ctx.directory.marked(parent, owner.namespace, owner.name)
         ]
         owned: dict[str, Identity] = {}
         evidence: policy.Evidence | None = None

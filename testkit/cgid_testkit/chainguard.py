@@ -315,8 +315,9 @@ class FaultInjector:
     identity created through the API answers 403 for its first ``requests`` attempts and while the
     identity is younger than ``seconds`` by the emulator's clock; and creating an identity answers
     403 for the first ``identity_creates`` attempts under each parent group (a group just made),
-    before anything is stored. ``injected`` lists every fault that struck, for a test to report or
-    check; ``clear`` stops all injection but keeps that history.
+    before anything is stored. ``hide_from_listings`` leaves identities out of listings while GET
+    still finds them (a paged listing that skipped them). ``injected`` lists every fault that struck,
+    for a test to report or check; ``clear`` stops all injection but keeps that history.
     """
 
     def __init__(self) -> None:
@@ -327,6 +328,13 @@ class FaultInjector:
         self.fresh_seconds = 0.0
         self.fresh_identity_creates = 0
         self.create_attempts: collections.Counter[str] = collections.Counter()  # by parent group
+        self.hidden: set[str] = set()  # identity UIDPs that listings leave out; a GET still finds them
+
+    def hide_from_listings(self, *uids: str) -> None:
+        """Leave these identities out of every listing (plain and by name) while GET still answers them:
+        what an offset-paged listing read while others delete does to a live object it skips, or an
+        eventually consistent index that has not caught up."""
+        self.hidden.update(uids)
 
     def add(
         self,
@@ -370,6 +378,7 @@ class FaultInjector:
         self.fresh_seconds = 0.0
         self.fresh_identity_creates = 0
         self.create_attempts.clear()
+        self.hidden.clear()
 
     def take(self, method: str, path: str) -> Fault | None:
         """The fault for this request (a pending one, counted as used, else the policy's), recorded."""
@@ -1055,6 +1064,7 @@ class ChainguardEmulator:
             if (not children_of or _parent_of(uid) == children_of)
             and (not descendants_of or (uid != descendants_of and _within(uid, descendants_of)))
             and (not name or identity.get("name") == name)
+            and uid not in self.faults.hidden
             and self._can(caller, "identity.list", _scope(uid))
         ]
         page, next_token = _paginate(matches, query)

@@ -69,7 +69,7 @@ async def test_review_a_forged_identity_id_never_takes_over_another_clusters_leg
     """A tenant of cluster A sees (with the allow-listed `viewer` role) cluster B's legacy identity
     `sandbox.shop.puller`, creates shop/puller in A and forges status.identityId to its UIDP. policy.select
     accepts a LEGACY claim when ``identity.uid in recorded_ids`` — and recorded_ids come from status."""
-    from tests.integration.test_tenancy import stored, writes_to
+    from test_tenancy import stored, writes_to
 
     async with world(start=False) as w:
         theirs = other_clusters_legacy_identity(w, "shop", "puller", ("registry.pull",))
@@ -89,7 +89,7 @@ async def test_review_a_forged_identity_id_never_takes_over_another_clusters_leg
 async def test_review_a_forged_identity_id_never_lets_the_finalizer_delete_another_clusters_identity() -> (
     None
 ):
-    from tests.integration.test_tenancy import gone, stored
+    from test_tenancy import gone, stored
 
     async with world(start=False) as w:
         theirs = other_clusters_legacy_identity(w, "shop", "puller", ("registry.pull",))
@@ -112,7 +112,7 @@ async def test_review_adopt_plus_forged_identity_id_skips_the_adoption_gate_and_
     """spec.adopt in a namespace where adoption is NOT allowed (default: only the operator's), plus a
     forged status.identityId: reconcile's ``adopted_before`` branch sets recorded_adoption=True without
     calling adoption_refusal, and every role the identity holds beyond the spec is inherited."""
-    from tests.integration.test_tenancy import stored
+    from test_tenancy import stored
 
     async with world(start=False) as w:
         theirs = other_clusters_legacy_identity(w, "shop", "puller", ("registry.pull", "registry.push"))

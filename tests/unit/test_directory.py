@@ -4,9 +4,11 @@ lost — not even when they happen while a listing is being read."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 from typing import Any
 
+from chainguard_identity_operator import naming
 from chainguard_identity_operator.chainguard.types import ClaimMatch, Identity, RoleBinding
 from chainguard_identity_operator.directory import Directory
 
@@ -84,3 +86,31 @@ async def test_invalidate_makes_the_next_read_ask_the_api() -> None:
     d.invalidate(ORG)
     assert await d.identity(identity(2).uid) == identity(2)
     assert client.lists == 2
+
+
+def marked(n: int, namespace: str, name: str, cluster_id: str = "c1") -> Identity:
+    owner = naming.Owner("kubernetes", cluster_id, namespace, name)
+    return dataclasses.replace(identity(n), description=naming.identity_description(owner))
+
+
+async def test_a_pass_sees_only_the_identities_marked_for_its_object_and_the_index_follows_writes() -> None:
+    theirs = marked(1, "shop", "puller", cluster_id="another-cluster")  # same object, other cluster
+    ours = marked(2, "shop", "puller")
+    other = marked(3, "shop", "pusher")
+    client, clock = SlowClient([identity(4), theirs, ours, other]), [NOW]
+    client.bindings = [RoleBinding(f"{ORG}/b{n}", identity(n).uid, ORG, "role") for n in (2, 3)]
+    d = directory(client, clock)
+    assert await d.marked(ORG, "shop", "puller") == (theirs, ours)  # whose they are is policy's to say
+    assert await d.marked(ORG, "shop", "nobody") == ()
+    assert [b.uid for b in await d.bindings(ours)] == [f"{ORG}/b2"]
+
+    moved = marked(2, "shop", "pusher")  # an update that changes the marker moves it in the index
+    d.put_identity(moved)
+    assert await d.marked(ORG, "shop", "puller") == (theirs,)
+    assert await d.marked(ORG, "shop", "pusher") == (moved, other)
+    d.drop_identity(other.uid)  # and dropping an identity drops its bindings with it
+    assert await d.marked(ORG, "shop", "pusher") == (moved,)
+    assert await d.bindings(other) == ()
+    d.drop_binding(f"{ORG}/b2")
+    assert await d.bindings(moved) == ()
+    assert client.lists == 1
