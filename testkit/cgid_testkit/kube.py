@@ -16,7 +16,8 @@ it issues service-account tokens like a real cluster: RS256 JWTs from ``TokenReq
 issuer, the OIDC discovery document and the JWKS, and signing-key rotation with a grace period in which
 the previous key is still published.
 
-What else it emulates, as kube-apiserver v1.32 does it:
+What else it emulates, as kube-apiserver v1.37 does it (tests/integration/test_differential.py runs one
+scenario on it and on a real v1.37 server and compares what a user sees; /version says v1.37.2):
 
 - Custom resources are decoded and validated with their CRD's ``openAPIV3Schema``: unknown fields are
   pruned (``fieldValidation`` Warn, the default, answers with ``Warning`` headers; Strict, what kubectl
@@ -27,7 +28,35 @@ What else it emulates, as kube-apiserver v1.32 does it:
   ``x-kubernetes-validations`` CEL rules run (``message``, ``messageExpression``, ``reason``,
   ``fieldPath``; ``oldSelf`` transition rules on update only) unless a blocking schema error stops them.
   Updates ratchet: a value unchanged from the stored object is not failed again (a CEL failure on it
-  becomes a warning). The answer is the 422 ``Status`` kube-apiserver sends, its messages worded the same.
+  becomes a warning). The answer is the 422 ``Status`` kube-apiserver sends, its messages worded the same
+  (v1.37's: a value that is not a string or a number is printed as JSON, ``null`` included; a failed CEL
+  rule shows the scalar it failed on, and no value for an object or a list). The order of the schema's
+  errors is the schema's (a real server's follows Go's map iteration, which varies from call to call).
+- Encoding: a custom resource is a map, so its keys come back sorted (kopf's last-handled annotation
+  shows it); the built-in kinds come back in their Go structs' field order, with Go's zero values (an
+  Event's ``eventTime: null``, ``reportingInstance: ""``, ``source: {}``), their timestamps parsed and
+  re-encoded as kube-apiserver does (a Time in UTC to the second, ``...Z``; a MicroTime must carry six
+  fractional digits; what Go cannot parse is a 400 with Go's message), a Secret's ``stringData`` folded
+  into ``data``, a Namespace's ``kubernetes.io/metadata.name`` label; typed lists do not repeat
+  ``apiVersion``/``kind`` on their items; empty labels, annotations, finalizers... are dropped (ObjectMeta's
+  omitempty). ``metadata.generation`` is kept only by kinds with spec/status semantics (custom resources,
+  CRDs, pods), not by ConfigMaps, Secrets, ServiceAccounts, Namespaces or Events. Core Events are validated
+  (their involved object's namespace, and what an ``eventTime`` event must name).
+- Managed fields, as structured-merge-diff records them: every write by a client (create, update, merge,
+  JSON and strategic patches as Update, server-side apply as Apply, the status subresource) is attributed
+  to its manager (``?fieldManager=``, else the User-Agent's first word) with the request's version, and the
+  FieldsV1 sets follow the type (the CRD's schema: list-type set and map, map-type atomic; for built-ins the
+  shapes of ObjectMeta, ConfigMap, Secret, ServiceAccount, Namespace and Event; other kinds as deduced
+  types). Server-side apply merges by the schema, removes what the manager applied before and applies no
+  more (unless someone else owns it), refuses to take another manager's field without ``force`` (the 409
+  Conflict, worded the same), and needs a ``fieldManager`` and the resource's apiVersion/kind. Writes by the
+  emulator's own methods (``add_namespace``, ``install_crd``...) and by its controllers (deletion, garbage
+  collection) are attributed to no one.
+- Tables (``kubectl get``): a CRD's printer columns (Age only when it declares none), the columns and cells
+  kube-apiserver's printers give ConfigMaps, Secrets, ServiceAccounts, Namespaces, Events (both APIs), Pods
+  and CRDs, Name and Created At for other kinds; ages as ``HumanDuration`` prints them (``2m15s``).
+- OIDC discovery: ``jwks_uri`` is this server's own ``/openid/v1/jwks`` (kube-apiserver's default without
+  ``--service-account-jwks-uri``), or ``jwks_uri=`` when given.
 - CEL runs in cel-python (imported lazily), not cel-go: a rule it cannot parse or evaluate (CEL optionals
   and ``optionalOldSelf``, ``quantity``/``url``/``ip``/``format`` and other library functions beyond the
   string and list helpers provided here) is refused with an ``Internal error`` cause naming the rule, never
@@ -41,10 +70,12 @@ What else it emulates, as kube-apiserver v1.32 does it:
 - Namespaces: deleting one makes it Terminating, deletes what it holds and removes it once empty; nothing
   new may be created in it meanwhile. Namespace names must be DNS labels.
 
-What it does not emulate: schemas of built-in kinds (their bodies are stored as sent), admission
-webhooks and policies, CRD conversion (only the storage version is served), managed fields and
-server-side apply conflicts (apply is a merge), authentication and RBAC (every request is allowed), the
-CRD cost estimator, field selectors beyond exact matches, and protobuf or CBOR responses.
+What it does not emulate: schemas of built-in kinds beyond the above (bodies are otherwise stored as
+sent: no defaulting or validation of pod specs, no pruning of unknown fields), the events.k8s.io/v1 view
+of core events (the two Event APIs are stored apart), admission webhooks and policies, CRD conversion
+(only the storage version is served), the cap of ten Update managers and ``before-first-apply``,
+authentication and RBAC (every request is allowed), the CRD cost estimator, field selectors beyond exact
+matches, and protobuf or CBOR responses.
 """
 
 from __future__ import annotations
@@ -52,6 +83,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -86,6 +118,23 @@ from chainguard_identity_operator.chainguard.types import format_time
 __all__ = ["DEFAULT_ISSUER", "KubeEmulator", "write_kubeconfig"]
 
 DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+# What /version answers: the kube-apiserver release this emulator is checked against (tests/integration/
+# test_differential.py compares the two), with the fields v1.37 adds.
+SERVER_VERSION = {
+    "major": "1",
+    "minor": "37",
+    "emulationMajor": "1",
+    "emulationMinor": "37",
+    "minCompatibilityMajor": "1",
+    "minCompatibilityMinor": "36",
+    "gitVersion": "v1.37.2",
+    "gitCommit": "",
+    "gitTreeState": "clean",
+    "buildDate": "2026-10-27T12:01:04Z",
+    "goVersion": "go1.26.8",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 MIN_TOKEN_SECONDS = 600  # the real TokenRequest API refuses less than 10 minutes
 DEFAULT_TOKEN_SECONDS = 3600
@@ -97,6 +146,8 @@ _CRD_RESOURCE = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefi
 _NAMESPACES = kmock.resource("", "v1", "namespaces")
 _SERVICE_ACCOUNTS = kmock.resource("", "v1", "serviceaccounts")
 _SECRETS = kmock.resource("", "v1", "secrets")
+_PODS = kmock.resource("", "v1", "pods")
+_EVENTS = kmock.resource("", "v1", "events")
 
 
 def _info(
@@ -118,15 +169,15 @@ def _info(
     )
 
 
-# The built-in resources the operator, kopf and kubectl touch, as a real v1.32 server describes them.
+# The built-in resources the operator, kopf and kubectl touch, as a real v1.37 server describes them.
 _CORE_RESOURCES: tuple[tuple[kmock.resource, kmock.ResourceInfo], ...] = (
     (_NAMESPACES, _info("Namespace", False, short={"ns"})),
     (kmock.resource("", "v1", "configmaps"), _info("ConfigMap", True, short={"cm"})),
     (_SERVICE_ACCOUNTS, _info("ServiceAccount", True, short={"sa"}, subresources={"token"})),
     (_SECRETS, _info("Secret", True)),
-    (kmock.resource("", "v1", "events"), _info("Event", True, short={"ev"})),
+    (_EVENTS, _info("Event", True, short={"ev"})),
     (
-        kmock.resource("", "v1", "pods"),
+        _PODS,
         _info("Pod", True, short={"po"}, categories={"all"}, subresources={"status"}),
     ),
     (kmock.resource("events.k8s.io", "v1", "events"), _info("Event", True, short={"ev"})),
@@ -142,6 +193,7 @@ _CORE_RESOURCES: tuple[tuple[kmock.resource, kmock.ResourceInfo], ...] = (
     ),
 )
 
+_PRESERVE_EVERYTHING: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 _PATCH_TYPES = (
     "application/json-patch+json",
     "application/merge-patch+json",
@@ -166,6 +218,7 @@ class ApiError(Exception):
         self.details = dict(details) if details else None
 
     def status(self) -> dict[str, Any]:
+        # metav1.Status's field order: details (when there are any) before code.
         body: dict[str, Any] = {
             "kind": "Status",
             "apiVersion": "v1",
@@ -173,10 +226,10 @@ class ApiError(Exception):
             "status": "Failure",
             "message": self.message,
             "reason": self.reason,
-            "code": self.code,
         }
         if self.details:
             body["details"] = self.details
+        body["code"] = self.code
         return body
 
 
@@ -471,30 +524,42 @@ def _go_float(value: float) -> str:
     return ("-" if sign else "") + result
 
 
-def _go_syntax(value: Any) -> str:
-    """Go's ``%#v`` of a decoded JSON value (``map[string]interface {}{"a":1}``)."""
-    if value is None:
-        return "interface {}(nil)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
+def _go_json_float(value: float) -> str:
+    """encoding/json's float64: the shortest digits, in an exponent only below 1e-6 or from 1e21 on."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return _go_float(value)  # unreachable for decoded JSON; json.Marshal would fail
+    magnitude = abs(value)
+    if magnitude == 0 or 1e-6 <= magnitude < 1e21:
+        text = format(decimal.Decimal(repr(value)), "f")
+        return text[:-2] if text.endswith(".0") else text
+    mantissa, exponent = repr(value).split("e") if "e" in repr(value) else (repr(value), "0")
+    mantissa = mantissa[:-2] if mantissa.endswith(".0") else mantissa
+    return f"{mantissa}e{'-' if exponent.startswith('-') else '+'}{int(exponent.lstrip('+-'))}"
+
+
+def _go_json(value: Any) -> str:
+    """Go's ``json.Marshal`` of a decoded JSON value: compact, keys sorted, ``<``, ``>``, ``&`` escaped."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return _go_json_float(value)
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float):
-        return _go_float(value)
     if isinstance(value, str):
-        return _go_quote(value)
+        text = json.dumps(value, ensure_ascii=False)
+        for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+            text = text.replace(char, escaped)
+        return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     if isinstance(value, Mapping):
-        items = ", ".join(f"{_go_quote(str(k))}:{_go_syntax(v)}" for k, v in sorted(value.items()))
-        return f"map[string]interface {{}}{{{items}}}"
-    if isinstance(value, list):
-        return "[]interface {}{" + ", ".join(_go_syntax(v) for v in value) + "}"
-    return str(value)
+        return "{" + ",".join(f"{_go_json(str(k))}:{_go_json(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_go_json(item) for item in value) + "]"
+    return _go_json(str(value))
 
 
 def _go_value(value: Any) -> str:
-    """How ``ErrorBody`` prints a bad value: ``%q`` for strings, ``%v`` for scalars, ``%#v`` otherwise."""
-    if value is None:
-        return '"null"'
+    """How ``ErrorBody`` (v1.37) prints a bad value: ``%q`` for strings, ``%v`` for numbers and booleans,
+    JSON for anything else (``null``, objects, lists)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -503,7 +568,7 @@ def _go_value(value: Any) -> str:
         return _go_float(value)
     if isinstance(value, str):
         return _go_quote(value)
-    return _go_syntax(value)
+    return _go_json(value)
 
 
 def _aggregate(errors: Sequence[_FieldError]) -> str:
@@ -752,17 +817,9 @@ def _schema_errors(schema: Mapping[str, Any], value: Any, path: str, old: Any = 
     expected, actual = str(schema.get("type") or ""), _json_type(value)
     errors: list[_FieldError] = []
     if schema.get("x-kubernetes-int-or-string") and actual not in ("integer", "string", "null"):
-        errors.append(
-            _FieldError(
-                "FieldValueInvalid", "", "", f"{_go_quote(path)} must validate at least one schema (anyOf)"
-            )
-        )
-        errors.append(
-            _FieldError(
-                "FieldValueTypeInvalid", path, actual, f"{where} must be of type integer: {_go_quote(actual)}"
-            )
-        )
-        return errors
+        # v1.37 checks int-or-string as one type with two names (v1.32 reported an anyOf failure too).
+        detail = f"{where} must be of type integer,string: {_go_quote(actual)}"
+        return [_FieldError("FieldValueTypeInvalid", path, actual, detail)]
     if value is None:
         if expected and not schema.get("nullable"):
             errors.append(
@@ -980,6 +1037,77 @@ def _name_errors(name: str, *, label: bool = False) -> list[_FieldError]:
 
 
 # -- x-kubernetes-validations: CEL rules with cel-python, as kube-apiserver runs them with cel-go ---------
+
+
+_QUALIFIED_NAME = r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+_QUALIFIED_NAME_MSG = (
+    "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric"
+    f" character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '{_QUALIFIED_NAME}')"
+)
+
+
+def _qualified_name_errors(value: str, path: str) -> list[_FieldError]:
+    """``ValidateQualifiedName``: an optional DNS-subdomain prefix and ``/``, then a name part."""
+    parts = value.split("/")
+    if len(parts) > 2:
+        detail = (
+            f"a qualified name {_QUALIFIED_NAME_MSG} with an optional DNS subdomain prefix and '/' (e.g."
+            " 'example.com/MyName')"
+        )
+        return [_FieldError("FieldValueInvalid", path, value, detail)]
+    errors: list[_FieldError] = []
+    name = parts[-1]
+    if len(parts) == 2:
+        if not parts[0]:
+            errors.append(_FieldError("FieldValueInvalid", path, value, "prefix part must be non-empty"))
+        elif not re.fullmatch(_DNS1123_SUBDOMAIN, parts[0]) or len(parts[0]) > 253:
+            errors.append(
+                _FieldError("FieldValueInvalid", path, value, f"prefix part {_DNS1123_SUBDOMAIN_MSG}")
+            )
+    if not name:
+        errors.append(_FieldError("FieldValueInvalid", path, value, "name part must be non-empty"))
+    elif len(name) > 63:
+        errors.append(
+            _FieldError("FieldValueInvalid", path, value, "name part must be no more than 63 characters")
+        )
+    if not re.fullmatch(_QUALIFIED_NAME, name):
+        errors.append(_FieldError("FieldValueInvalid", path, value, f"name part {_QUALIFIED_NAME_MSG}"))
+    return errors
+
+
+def _event_errors(event: Mapping[str, Any], namespace: str | None) -> list[_FieldError]:
+    """The validation of a core v1 Event (``legacyValidateEvent``): its involved object is in its namespace;
+    an event with an ``eventTime`` (the new API's) also names its reporting controller and instance, its
+    action and its reason."""
+    involved: Mapping[str, Any] = event.get("involvedObject") or {}
+    involved = involved if isinstance(involved, Mapping) else {}
+    involved_namespace = str(involved.get("namespace") or "")
+    namespace = namespace or ""
+    mismatch = _FieldError(
+        "FieldValueInvalid", "involvedObject.namespace", involved_namespace, "does not match event.namespace"
+    )
+    errors: list[_FieldError] = []
+    if event.get("eventTime") is None:
+        if (not involved_namespace and namespace not in ("", "default")) or (
+            involved_namespace and involved_namespace != namespace
+        ):
+            errors.append(mismatch)
+        return errors
+    if not involved_namespace and namespace not in ("default", "kube-system"):
+        errors.append(mismatch)
+    controller = str(event.get("reportingComponent") or "")
+    if not controller:
+        errors.append(_FieldError("FieldValueRequired", "reportingComponent"))
+    errors += _qualified_name_errors(controller, "reportingComponent")
+    for field, limit in (("reportingInstance", 128), ("action", 128), ("reason", 128)):
+        text = str(event.get(field) or "")
+        if not text:
+            errors.append(_FieldError("FieldValueRequired", field))
+        if len(text) > limit:
+            errors.append(_FieldError("FieldValueInvalid", field, "", f"can have at most {limit} characters"))
+    if len(str(event.get("message") or "")) > 1024:
+        errors.append(_FieldError("FieldValueInvalid", "message", "", "can have at most 1024 characters"))
+    return errors
 
 
 class _CelUnsupported(Exception):
@@ -1406,14 +1534,17 @@ def _node_cel_errors(
                 if candidate and "\n" not in candidate and "\r" not in candidate:
                     detail = candidate
         reason = rule.get("reason")
+        # Since v1.35 a failed rule shows the value it failed on when that is a scalar, and none for an
+        # object or a list (v1.32 showed the schema type, "object", in its place).
+        shown_value = _OMIT if kind in ("object", "array") else value
         if reason == "FieldValueForbidden":
             error = _FieldError("FieldValueForbidden", where, _OMIT, detail)
         elif reason == "FieldValueRequired":
             error = _FieldError("FieldValueRequired", where, _OMIT, detail)
         elif reason == "FieldValueDuplicate":
-            error = _FieldError("FieldValueDuplicate", where, kind)
+            error = _FieldError("FieldValueDuplicate", where, shown_value)
         else:
-            error = _FieldError("FieldValueInvalid", where, kind, detail)
+            error = _FieldError("FieldValueInvalid", where, shown_value, detail)
         if unchanged and not transition:
             warnings.append(str(error))  # validation ratcheting: an unchanged value keeps its old faults
         else:
@@ -1526,6 +1657,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
     """
 
     issuer: str = DEFAULT_ISSUER
+    # The discovery document's jwks_uri, as --service-account-jwks-uri sets it; None (the default): the
+    # API server's own address, as kube-apiserver publishes it without that flag.
+    jwks_uri: str | None = None
     clock: Callable[[], datetime.datetime] | None = None
     bookmark_interval: float = 30.0  # how often an idle watch that allows bookmarks gets one
 
@@ -1539,6 +1673,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _crd_resources: dict[str, kmock.resource] = attrs.field(factory=dict, init=False)  # CRD name → resource
     _warnings: list[str] = attrs.field(factory=list, init=False)  # the Warning headers of the current request
     _emptying: set[str] = attrs.field(factory=set, init=False)  # namespaces whose contents are being deleted
+    # Each CRD schema's merge type, by the schema object's id (kept with it, so an id is never reused).
+    _shapes: dict[int, tuple[dict[str, Any], _Shape]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # kmock's discovery, list/watch/fetch/create/patch/delete fallbacks
@@ -1637,11 +1773,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             self._signing_keys.append(_SigningKey.generate())
         return self._signing_keys
 
-    def openid_configuration(self) -> dict[str, Any]:
-        """The OIDC discovery document as ``/.well-known/openid-configuration`` serves it."""
+    def openid_configuration(self, server_url: str | None = None) -> dict[str, Any]:
+        """The OIDC discovery document as ``/.well-known/openid-configuration`` serves it. Its ``jwks_uri`` is
+        ``self.jwks_uri`` if set, else this server's own ``/openid/v1/jwks`` at ``server_url`` (the address
+        the request came to; without one, the issuer's)."""
+        base = (server_url or self.issuer).rstrip("/")
         return {
             "issuer": self.issuer,
-            "jwks_uri": f"{self.issuer.rstrip('/')}/openid/v1/jwks",
+            "jwks_uri": self.jwks_uri or f"{base}/openid/v1/jwks",
             "response_types_supported": ["id_token"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["RS256"],
@@ -1778,6 +1917,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         kind = info.kind or str(resource.plural).capitalize()
         if "as=Table" in request.headers.get("Accept", ""):
             return 200, self._table(resource, items)
+        if not self._is_custom(resource):
+            # A typed list's items carry no apiVersion and kind (the list says them once); custom
+            # resources are lists of maps, each item with its own.
+            items = [{k: v for k, v in item.items() if k not in ("apiVersion", "kind")} for item in items]
         return 200, {
             "kind": f"{kind}List",
             "apiVersion": _api_version(resource),
@@ -1800,31 +1943,20 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return [obj for _, obj in sorted(found, key=lambda pair: pair[0])]
 
     def _table(self, resource: kmock.resource, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """A ``meta.k8s.io/v1`` Table for ``kubectl get``: name, CRD printer columns, age."""
-        columns = self._printer_columns(resource)
-        definitions = [{"name": "Name", "type": "string", "format": "name", "description": "", "priority": 0}]
-        definitions += [
+        """A ``meta.k8s.io/v1`` Table for ``kubectl get``: a custom resource's printer columns (or Age), a
+        built-in kind's columns as kube-apiserver's printers fill them, or Name and Created At."""
+        definitions, cells_of = self._printer(resource)
+        rows = [
             {
-                "name": c["name"],
-                "type": c.get("type", "string"),
-                "format": "",
-                "description": "",
-                "priority": 0,
+                "cells": cells_of(obj),
+                "object": {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": _go_ordered("ObjectMeta", _meta(obj)),
+                },
             }
-            for c in columns
+            for obj in items
         ]
-        definitions.append({"name": "Age", "type": "string", "format": "", "description": "", "priority": 0})
-        rows = []
-        for obj in items:
-            cells: list[Any] = [_meta(obj).get("name")]
-            cells += [self._printer_cell(obj, column) for column in columns]
-            cells.append(self._age(_meta(obj).get("creationTimestamp")))
-            partial = {
-                "kind": "PartialObjectMetadata",
-                "apiVersion": "meta.k8s.io/v1",
-                "metadata": _meta(obj),
-            }
-            rows.append({"cells": cells, "object": partial})
         return {
             "kind": "Table",
             "apiVersion": "meta.k8s.io/v1",
@@ -1833,30 +1965,197 @@ class KubeEmulator(kmock.KubernetesEmulator):
             "rows": rows,
         }
 
-    def _printer_columns(self, resource: kmock.resource) -> list[dict[str, Any]]:
+    def _printer(
+        self, resource: kmock.resource
+    ) -> tuple[list[dict[str, Any]], Callable[[Mapping[str, Any]], list[Any]]]:
+        """The column definitions of a resource's table, and how to fill a row."""
         _, version = self._crd_version(resource)
-        columns = (version or {}).get("additionalPrinterColumns") or []
-        # Age is appended anyway, like the API server does for creationTimestamp.
-        return [c for c in columns if c.get("jsonPath") != ".metadata.creationTimestamp"]
+        if version is not None:
+            return self._custom_printer(version)
+        kind = self.resources[resource].kind or ""
+        if resource.group == "events.k8s.io":
+            kind = "events.k8s.io/Event"
+        table_kind = "Event" if kind == "events.k8s.io/Event" else kind
+        if table_kind not in _BUILTIN_COLUMNS:
+            table_kind = ""
+        definitions = [
+            {
+                "name": name,
+                "type": type_,
+                "format": format_,
+                "description": _COLUMN_DOCS.get((table_kind, name))
+                or (_NAME_DOC if name == "Name" else _CREATION_DOC),
+                "priority": priority,
+            }
+            for name, type_, format_, priority in _BUILTIN_COLUMNS[table_kind]
+        ]
+        return definitions, lambda obj: self._builtin_cells(kind, table_kind, obj)
 
-    def _printer_cell(self, obj: Mapping[str, Any], column: Mapping[str, Any]) -> Any:
-        value = _json_path(obj, str(column.get("jsonPath", "")))
-        if column.get("type") == "date" and isinstance(value, str):
-            return self._age(value)
-        return value  # the API server sends null for a missing value: kubectl leaves the cell empty
+    def _custom_printer(
+        self, version: Mapping[str, Any]
+    ) -> tuple[list[dict[str, Any]], Callable[[Mapping[str, Any]], list[Any]]]:
+        # Without printer columns a CRD gets an Age column (serveDefaultColumnsIfEmpty); with some, only them.
+        columns = list(version.get("additionalPrinterColumns") or []) or [
+            {
+                "name": "Age",
+                "type": "date",
+                "description": _CREATION_DOC,
+                "jsonPath": ".metadata.creationTimestamp",
+            }
+        ]
+        definitions = [
+            {"name": "Name", "type": "string", "format": "name", "description": _NAME_DOC, "priority": 0}
+        ]
+        for column in columns:
+            json_path = str(column.get("jsonPath", ""))
+            definitions.append(
+                {
+                    "name": column.get("name"),
+                    "type": column.get("type", "string"),
+                    "format": column.get("format", ""),
+                    "description": column.get("description")
+                    or f"Custom resource definition column (in JSONPath format): {json_path}",
+                    "priority": column.get("priority", 0),
+                }
+            )
+
+        def cells(obj: Mapping[str, Any]) -> list[Any]:
+            row: list[Any] = [_meta(obj).get("name")]
+            for column in columns:
+                value = _json_path(obj, str(column.get("jsonPath", "")))
+                row.append(self._custom_cell(str(column.get("type", "string")), value))
+            return row
+
+        return definitions, cells
+
+    def _custom_cell(self, type_: str, value: Any) -> Any:
+        """apiextensions' tableconvertor: a string column prints the value, a date becomes an age, the
+        other types pass through when the value has that type; a missing value is null (an empty cell)."""
+        if value is None:
+            return None
+        if type_ == "string":
+            return _jsonpath_text(value)
+        if type_ == "date":
+            if not isinstance(value, str):
+                return None
+            return self._age(value) if _parse_timestamp(value) is not None else "<invalid>"
+        if type_ == "integer" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return int(value)
+        if type_ == "number" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if type_ == "boolean" and isinstance(value, bool):
+            return value
+        return None
+
+    def _builtin_cells(self, kind: str, table_kind: str, obj: Mapping[str, Any]) -> list[Any]:
+        """One row as kube-apiserver's printer for the kind fills it (``printEvent``, ``printConfigMap``...)."""
+        meta = _meta(obj)
+        name, created = meta.get("name"), meta.get("creationTimestamp")
+        match table_kind:
+            case "ConfigMap":
+                size = len(obj.get("data") or {}) + len(obj.get("binaryData") or {})
+                return [name, size, self._age(created)]
+            case "Secret":
+                return [name, obj.get("type", ""), len(obj.get("data") or {}), self._age(created)]
+            case "ServiceAccount":
+                return [name, self._age(created)]
+            case "Namespace":
+                return [name, (obj.get("status") or {}).get("phase", ""), self._age(created)]
+            case "Event":
+                return self._event_cells(kind, obj)
+            case "Pod":
+                return self._pod_cells(obj)
+            case "CustomResourceDefinition":
+                spec = obj.get("spec") or {}
+                versions = ",".join(
+                    f"{v.get('name')}{'(storage)' if v.get('storage') else ''}"
+                    for v in spec.get("versions") or []
+                )
+                conditions = (obj.get("status") or {}).get("conditions") or []
+                established = any(
+                    c.get("type") == "Established" and c.get("status") == "True" for c in conditions
+                )
+                names = spec.get("names") or {}
+                return [
+                    name,
+                    spec.get("scope", ""),
+                    versions,
+                    created,
+                    spec.get("group", ""),
+                    names.get("kind", ""),
+                    ",".join(names.get("shortNames") or []),
+                    established,
+                ]
+            case _:
+                return [name, created]
+
+    def _event_cells(self, kind: str, obj: Mapping[str, Any]) -> list[Any]:
+        if kind == "events.k8s.io/Event":  # the same printer, on the core fields the v1 event converts to
+            source = obj.get("deprecatedSource") or {}
+            first, last = obj.get("deprecatedFirstTimestamp"), obj.get("deprecatedLastTimestamp")
+            count, regarding, message = obj.get("deprecatedCount") or 0, obj.get("regarding"), obj.get("note")
+            controller = obj.get("reportingController")
+        else:
+            source = obj.get("source") or {}
+            first, last = obj.get("firstTimestamp"), obj.get("lastTimestamp")
+            count, regarding, message = obj.get("count") or 0, obj.get("involvedObject"), obj.get("message")
+            controller = obj.get("reportingComponent")
+        involved = regarding if isinstance(regarding, Mapping) else {}
+        first_seen = self._age(first) if first else self._age(obj.get("eventTime"))
+        last_seen = self._age(last) if last else first_seen
+        series = obj.get("series")
+        if isinstance(series, Mapping):
+            last_seen, count = self._age(series.get("lastObservedTime")), series.get("count") or 0
+        elif not count:
+            count = 1  # singleton events do not set a count in the new API
+        target = str(involved.get("kind", "")).lower()
+        if involved.get("name"):
+            target = f"{target}/{involved['name']}"
+        return [
+            last_seen,
+            obj.get("type", ""),
+            obj.get("reason", ""),
+            target,
+            involved.get("fieldPath", ""),
+            _event_source(
+                source.get("component") or controller, source.get("host") or obj.get("reportingInstance")
+            ),
+            str(message or "").strip(),
+            first_seen,
+            count,
+            _meta(obj).get("name"),
+        ]
+
+    def _pod_cells(self, obj: Mapping[str, Any]) -> list[Any]:
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        statuses = status.get("containerStatuses") or []
+        ready = sum(1 for s in statuses if isinstance(s, Mapping) and s.get("ready"))
+        restarts = sum(int(s.get("restartCount") or 0) for s in statuses if isinstance(s, Mapping))
+        gates = spec.get("readinessGates") or []
+        conditions = {
+            c.get("type"): c.get("status") for c in status.get("conditions") or [] if isinstance(c, Mapping)
+        }
+        passed = sum(
+            1 for g in gates if isinstance(g, Mapping) and conditions.get(g.get("conditionType")) == "True"
+        )
+        return [
+            _meta(obj).get("name"),
+            f"{ready}/{len(spec.get('containers') or [])}",
+            status.get("reason") or status.get("phase") or "",
+            str(restarts),
+            self._age(_meta(obj).get("creationTimestamp")),
+            status.get("podIP") or "<none>",
+            spec.get("nodeName") or "<none>",
+            status.get("nominatedNodeName") or "<none>",
+            f"{passed}/{len(gates)}" if gates else "<none>",
+        ]
 
     def _age(self, timestamp: Any) -> str:
-        if not isinstance(timestamp, str):
+        """``translateTimestampSince``: how long ago, by this emulator's clock; ``<unknown>`` for none."""
+        then = _parse_timestamp(timestamp)
+        if then is None:
             return "<unknown>"
-        then = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-        seconds = int((self._now() - then).total_seconds())
-        if seconds < -1:
-            return "<invalid>"  # what the API server prints for a date in the future
-        seconds = max(0, seconds)
-        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-            if seconds >= size:
-                return f"{seconds // size}{unit}"
-        return f"{seconds}s"
+        return _human_duration((self._now() - then).total_seconds())
 
     # kmock declares its watch as an async generator; this one may also answer with a plain error.
     async def _serve_watch(self, request: kmock.Request) -> kmock.Payload:  # type: ignore[override]
@@ -1997,8 +2296,30 @@ class KubeEmulator(kmock.KubernetesEmulator):
             body,
             dry_run=self._dry_run(request),
             validation=_field_validation(request),
+            writer=self._writer(request, resource),
         )
         return 201, created
+
+    def _writer(
+        self, request: kmock.Request, resource: kmock.resource, *, apply: bool = False
+    ) -> _FieldManager:
+        """The field manager of a write: who, how, in which version, on which subresource."""
+        manager = _manager_name(request)
+        if apply and not manager:
+            error = _FieldError("FieldValueRequired", "fieldManager", _OMIT, "is required for apply patch")
+            raise ApiError(
+                422,
+                "Invalid",
+                f'PatchOptions.meta.k8s.io "" is invalid: {error}',
+                {"group": "meta.k8s.io", "kind": "PatchOptions", "causes": [error.cause()]},
+            )
+        return _FieldManager(
+            manager=manager,
+            operation="Apply" if apply else "Update",
+            api_version=_api_version(resource),
+            subresource=request.subresource,
+            force=request.params.get("force") == "true",
+        )
 
     async def _serve_update(self, request: kmock.Request) -> kmock.Payload:
         return self._api(request, self._http_patch)
@@ -2017,10 +2338,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
             )
             raise ApiError(415, "UnsupportedMediaType", msg)
         patch = self._patch_body(request, content_type)
+        applying = content_type == "application/apply-patch+yaml"
+        writer = self._writer(request, resource, apply=applying)
         old = self._current(resource, request.namespace, request.name)
         if old is None:
-            if content_type == "application/apply-patch+yaml" and subresource is None:
+            if applying and subresource is None:
                 # Server-side apply creates what does not exist yet.
+                self._check_applied_type(resource, patch)
                 self._require_namespace(request.namespace)
                 created = self._create(
                     resource,
@@ -2028,11 +2352,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     patch,
                     dry_run=self._dry_run(request),
                     validation=_field_validation(request),
+                    writer=writer,
+                    applied=patch,
                 )
                 return 201, created
             raise _not_found(resource, request.name)
         target = copy.deepcopy(old)
-        if content_type == "application/json-patch+json":
+        if applying:
+            self._check_applied_type(resource, patch)
+            candidate = self._apply_merge(resource, target, patch, writer)
+        elif content_type == "application/json-patch+json":
             try:
                 candidate = jsonpatch.JsonPatch(patch).apply(target)
             except jsonpatch.InvalidJsonPatch as exc:
@@ -2060,8 +2389,17 @@ class KubeEmulator(kmock.KubernetesEmulator):
             dry_run=self._dry_run(request),
             validation=_field_validation(request),
             patched=True,
+            writer=writer,
+            applied=patch if applying else None,
         )
         return 200, result
+
+    def _check_applied_type(self, resource: kmock.resource, applied: Mapping[str, Any]) -> None:
+        """An apply configuration names its kind and version, and they are the resource's."""
+        api_version, kind = str(applied.get("apiVersion") or ""), str(applied.get("kind") or "")
+        if api_version != _api_version(resource) or kind != self.resources[resource].kind:
+            group, _, version = api_version.rpartition("/")
+            raise _bad_request(f"invalid object type: {group}/{version}, Kind={kind}")
 
     def _patch_body(self, request: kmock.Request, content_type: str) -> Any:
         body: Any
@@ -2109,6 +2447,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             subresource=subresource,
             dry_run=self._dry_run(request),
             validation=_field_validation(request),
+            writer=self._writer(request, resource),
         )
         return 200, result
 
@@ -2199,7 +2538,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # -- non-resource URLs --------------------------------------------------------------------------------
 
     async def _serve_openid_configuration(self, request: kmock.Request) -> kmock.Payload:
-        return self.openid_configuration()
+        url = request.url
+        return self.openid_configuration(f"{url.scheme}://{url.raw_authority}" if url.is_absolute() else None)
+
+    async def _serve_server_version(self, request: kmock.Request) -> kmock.Payload:
+        """``/version``: the release this emulator follows (kmock's own answer names a k3s v1.26)."""
+        return dict(SERVER_VERSION)
 
     async def _serve_jwks(self, request: kmock.Request) -> kmock.Payload:
         return Response(payload=self.jwks(), headers={"Content-Type": "application/jwk-set+json"})
@@ -2255,7 +2599,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             schemas.update(copy.deepcopy(_META_SCHEMAS))
         return {
             "openapi": "3.0.0",
-            "info": {"title": "Kubernetes", "version": "v1.32.0"},
+            "info": {"title": "Kubernetes", "version": SERVER_VERSION["gitVersion"]},
             "paths": paths,
             "components": {"schemas": schemas},
         }
@@ -2328,7 +2672,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             meta = dict(meta, name=name, resourceVersion=str(self._resource_version))
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("creationTimestamp", format_time(self._now()))
-            meta.setdefault("generation", 1)
+            if self._has_generation(resource):
+                meta.setdefault("generation", 1)
             if namespace is not None:
                 meta["namespace"] = namespace
             current = dict(current, metadata=meta)
@@ -2346,12 +2691,18 @@ class KubeEmulator(kmock.KubernetesEmulator):
         *,
         dry_run: bool = False,
         validation: str = "Warn",
+        writer: _FieldManager | None = None,
+        applied: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """Create an object. ``writer`` is the client's field manager (None: seeded by the emulator's own
+        methods, attributed to no one); ``applied`` the configuration of a server-side apply."""
         info = self.resources[resource]
         new = copy.deepcopy(dict(body))
         schema = self._schema_of(resource)
         if schema is not None:
             self._decode_custom(resource, info, new, schema, validation=validation, patched=False)
+        else:
+            self._decode_builtin(resource, info, new)
         meta = _meta(new)
         new["metadata"] = meta
         body_namespace = meta.get("namespace")
@@ -2388,12 +2739,22 @@ class KubeEmulator(kmock.KubernetesEmulator):
             meta.pop(field, None)
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = format_time(self._now())
-        meta["generation"] = 1
+        if self._has_generation(resource):
+            meta["generation"] = 1
+        else:
+            meta.pop("generation", None)
+        if resource == _NAMESPACES:
+            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = name  # SetDefaults_Namespace
+        _coerce_object_meta(meta)
         if schema is not None:
             self._validate_custom(resource, info, new, schema, old=None)
+        elif resource == _EVENTS and (errors := _event_errors(new, namespace)):
+            raise _invalid_object(resource, info.kind, name, errors)
+        if writer is not None:
+            self._manage_fields(resource, self._zero_object(resource, info), new, writer, applied=applied)
         self._server_side_defaults(resource, new)
         if dry_run:
-            return new
+            return self._encoded(resource, new)
         return self._commit(resource, namespace if info.namespaced else None, name, new, created=True)
 
     def _replace(
@@ -2408,6 +2769,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         check_version: bool = True,
         dry_run: bool = False,
         validation: str = "Warn",
+        writer: _FieldManager | None = None,
     ) -> dict[str, Any]:
         candidate = copy.deepcopy(dict(body))
         if not check_version:
@@ -2421,6 +2783,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             subresource=subresource,
             dry_run=dry_run,
             validation=validation,
+            writer=writer,
         )
 
     def _update(
@@ -2435,13 +2798,18 @@ class KubeEmulator(kmock.KubernetesEmulator):
         dry_run: bool = False,
         validation: str = "Warn",
         patched: bool = False,
+        writer: _FieldManager | None = None,
+        applied: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Turn a client's desired object into the stored one, keeping what clients may not change."""
+        """Turn a client's desired object into the stored one, keeping what clients may not change.
+        ``writer`` and ``applied`` as for ``_create``."""
         info = self.resources[resource]
         schema = self._schema_of(resource)
         if schema is not None:
             # Decoding prunes (and with fieldValidation=Strict refuses) unknown fields and applies defaults.
             self._decode_custom(resource, info, candidate, schema, validation=validation, patched=patched)
+        else:
+            self._decode_builtin(resource, info, candidate)
         old_meta = _meta(old)
         requested = _meta(candidate)
         # Optimistic concurrency: a resourceVersion (or uid) in the body is a precondition.
@@ -2486,16 +2854,32 @@ class KubeEmulator(kmock.KubernetesEmulator):
         new["kind"] = info.kind
         meta = new["metadata"]
         meta["resourceVersion"] = old_meta.get("resourceVersion")
-        meta["generation"] = old_meta.get("generation", 1)
-        if _spec_part(new) != _spec_part(old):
-            meta["generation"] = meta["generation"] + 1
+        if self._has_generation(resource):
+            meta["generation"] = old_meta.get("generation", 1)
+            if _spec_part(new) != _spec_part(old):
+                meta["generation"] = meta["generation"] + 1
+        else:
+            meta.pop("generation", None)
+        if resource == _NAMESPACES:
+            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = name  # SetDefaults_Namespace
+        _coerce_object_meta(meta)
         if schema is not None:
             self._validate_custom(resource, info, new, schema, old=old)
+        elif resource == _EVENTS and (errors := _event_errors(new, namespace)):
+            raise _invalid_object(resource, info.kind, name, errors)
+        if writer is None or subresource == "status":
+            # The emulator's own writes are attributed to no one; a status write keeps the metadata.
+            if old_meta.get("managedFields"):
+                meta["managedFields"] = copy.deepcopy(old_meta["managedFields"])
+            else:
+                meta.pop("managedFields", None)
+        if writer is not None:
+            self._manage_fields(resource, old, new, writer, applied=applied)
         self._server_side_defaults(resource, new)
         if new == old:
             return dict(old)  # a no-op write changes nothing, not even the resourceVersion
         if dry_run:
-            return new
+            return self._encoded(resource, new)
         return self._commit(resource, namespace, name, new, created=False)
 
     def _delete(
@@ -2539,6 +2923,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return self._remove(resource, namespace, name, new, orphan=False)
         self._resource_version += 1
         meta["resourceVersion"] = str(self._resource_version)
+        new = self._encoded(resource, new)
         key = (resource, namespace, name)
         if key in self.objects:
             self.objects[key].history.append(new)
@@ -2563,6 +2948,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         last = copy.deepcopy(last)
         self._resource_version += 1
         last["metadata"]["resourceVersion"] = str(self._resource_version)
+        last = self._encoded(resource, last)
         key = (resource, namespace, name)
         self.objects[key].history.append(last)  # the final state stays in the history...
         self.objects[key].delete()  # ...followed by kmock's soft-deletion marker
@@ -2654,8 +3040,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if isinstance(spec, dict):
                 spec.setdefault("finalizers", ["kubernetes"])  # what the namespace controller waits on
             obj["status"] = {"phase": "Terminating" if _meta(obj).get("deletionTimestamp") else "Active"}
-        elif resource == _SECRETS and not obj.get("type"):
-            obj["type"] = "Opaque"  # SetDefaults_Secret
+        elif resource == _PODS:
+            obj.setdefault("status", {}).setdefault("phase", "Pending")  # the pod strategy's PrepareForCreate
         elif resource == _CRD_RESOURCE:
             _crd_registration(obj)  # refuse a CRD that cannot be served before anything is stored
             spec = obj.get("spec") or {}
@@ -2676,6 +3062,188 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 "storedVersions": [v["name"] for v in spec.get("versions", []) if v.get("storage")],
             }
 
+    # -- how stored objects are typed and encoded, and who owns their fields --------------------------------
+
+    def _is_custom(self, resource: kmock.resource) -> bool:
+        return resource in self._crd_resources.values()
+
+    def _has_generation(self, resource: kmock.resource) -> bool:
+        """Kinds with spec/status semantics count ``metadata.generation``: custom resources, CRDs and (since
+        v1.34) pods; ConfigMaps, Secrets, ServiceAccounts, Namespaces and Events do not."""
+        return self._is_custom(resource) or resource in (_CRD_RESOURCE, _PODS)
+
+    def _go_type_of(self, resource: kmock.resource) -> str | None:
+        if resource not in self.resources:
+            return None
+        return _go_type(resource, self.resources[resource].kind)
+
+    def _decode_builtin(
+        self, resource: kmock.resource, info: kmock.ResourceInfo, obj: dict[str, Any]
+    ) -> None:
+        """What decoding a built-in kind does to a body, in place: Go's zero values, timestamps in their
+        canonical form, and the defaulting of its version (SetDefaults_Secret, stringData into data)."""
+        type_name = _go_type(resource, info.kind)
+        if type_name is not None:
+            try:
+                _go_decode(type_name, obj)
+            except _TimeError as exc:
+                kind, version = info.kind, str(resource.version)
+                raise _bad_request(
+                    f"{kind} in version {_go_quote(version)} cannot be handled as a {kind}: {exc}"
+                ) from None
+        if resource == _SECRETS:
+            string_data = obj.pop("stringData", None)
+            if isinstance(string_data, Mapping) and string_data:
+                data = dict(obj["data"]) if isinstance(obj.get("data"), Mapping) else {}
+                for key, text in string_data.items():
+                    data[key] = base64.b64encode(str(text).encode()).decode()
+                obj["data"] = data
+            if not obj.get("type"):
+                obj["type"] = "Opaque"
+
+    def _encoded(self, resource: kmock.resource, obj: dict[str, Any]) -> dict[str, Any]:
+        """The object as kube-apiserver encodes it: a custom resource's keys sorted (it is a map), a built-in
+        kind's in its Go struct's field order."""
+        if self._is_custom(resource):
+            ordered: dict[str, Any] = _sorted_keys(obj)
+            return ordered
+        type_name = self._go_type_of(resource)
+        if type_name is not None:
+            typed: dict[str, Any] = _go_ordered(type_name, obj)
+            return typed
+        if isinstance(obj.get("metadata"), dict):
+            return dict(obj, metadata=_go_ordered("ObjectMeta", obj["metadata"]))
+        return obj
+
+    def _zero_object(self, resource: kmock.resource, info: kmock.ResourceInfo) -> dict[str, Any]:
+        """What a create is compared with for its managed fields: the kind's empty object (a new
+        Unstructured for a custom resource, the Go zero value for a built-in kind)."""
+        if self._is_custom(resource):
+            return {"apiVersion": _api_version(resource), "kind": info.kind}
+        zero: dict[str, Any] = {"metadata": {"creationTimestamp": None}}
+        zero.update(copy.deepcopy(_GO_ZERO_FIELDS.get(self._go_type_of(resource) or "", {})))
+        return zero
+
+    def _shape(self, resource: kmock.resource) -> _Shape:
+        """The structured-merge-diff type of a resource: its CRD's schema, or the built-in kind's."""
+        schema = self._schema_of(resource)
+        if schema is not None:
+            cached = self._shapes.get(id(schema))
+            if cached is None or cached[0] is not schema:  # a CRD replaced makes a new schema object
+                cached = self._shapes[id(schema)] = (schema, _custom_resource_shape(schema))
+            return cached[1]
+        known = _BUILTIN_SHAPES.get(self._go_type_of(resource) or "")
+        if known is not None:
+            return known
+        return _Shape(
+            "map",
+            fields={"apiVersion": _SCALAR, "kind": _SCALAR, "metadata": _OBJECT_META_SHAPE},
+            element=_UNTYPED,
+        )
+
+    def _applied_config(self, resource: kmock.resource, applied: Mapping[str, Any]) -> dict[str, Any]:
+        """A server-side apply's configuration as the field manager reads it: decoded (unknown fields of a
+        custom resource pruned), not defaulted."""
+        config = copy.deepcopy(dict(applied))
+        schema = self._schema_of(resource)
+        if schema is not None:
+            _prune(config, schema, "", [], root=True)
+        return config
+
+    def _reset_fields(
+        self, resource: kmock.resource, writer: _FieldManager, paths: set[_FieldPath]
+    ) -> set[_FieldPath]:
+        """Fields a write cannot own: status through the main resource, all but status through /status."""
+        info = self.resources[resource]
+        if "status" not in info.subresources:
+            return paths
+        if writer.subresource == "status":
+            return {path for path in paths if path[:1] == ("f:status",)}
+        return {path for path in paths if path[:1] != ("f:status",)}
+
+    def _apply_merge(
+        self,
+        resource: kmock.resource,
+        live: dict[str, Any],
+        applied: Mapping[str, Any],
+        writer: _FieldManager,
+    ) -> dict[str, Any]:
+        """A server-side apply's new object: the configuration merged into the live object by the schema
+        (maps and associative lists merge, atomic values are replaced), then what this manager applied
+        before and no longer applies, and nobody else owns, removed."""
+        shape = self._shape(resource)
+        config = self._applied_config(resource, applied)
+        merged = _smd_merge(live, config, shape)
+        managed = _Managed.read(_meta(live).get("managedFields"))
+        previous = managed.entries.get(writer.key)
+        if previous is not None:
+            now_applied: set[_FieldPath] = set()
+            _field_set(config, shape, (), now_applied)
+            others: set[_FieldPath] = set()
+            for key, (_, owned) in managed.entries.items():
+                if key != writer.key:
+                    others |= owned
+            for path in sorted(previous[1] - now_applied - others, key=len, reverse=True):
+                _remove_path(merged, path)
+        result: dict[str, Any] = merged
+        return result
+
+    def _manage_fields(
+        self,
+        resource: kmock.resource,
+        live: Mapping[str, Any],
+        new: dict[str, Any],
+        writer: _FieldManager,
+        *,
+        applied: Mapping[str, Any] | None,
+    ) -> None:
+        """Record in ``new``'s ``managedFields`` who owns what after this write, as kube-apiserver's field
+        manager does; a server-side apply that would take another manager's fields without ``force`` is
+        refused with the 409 Conflict the API server sends."""
+        shape = self._shape(resource)
+        live_meta, new_meta = _meta(live), _meta(new)
+        requested = new_meta.get("managedFields")
+        # A client that changed managedFields itself (or reset them with []) is taken at its word.
+        source = requested if requested is not None and requested != live_meta.get("managedFields") else None
+        managed = _Managed.read(source if source is not None else live_meta.get("managedFields"))
+        added: set[_FieldPath] = set()
+        modified: set[_FieldPath] = set()
+        removed: set[_FieldPath] = set()
+        _compare_fields(live, new, shape, (), added, modified, removed)
+        changed = added | modified
+        now = format_time(self._now())
+        entry = {
+            "manager": writer.manager,
+            "operation": writer.operation,
+            "apiVersion": writer.api_version,
+            "time": now,
+            "subresource": writer.subresource,
+        }
+        if writer.operation == "Apply" and applied is not None:
+            config: set[_FieldPath] = set()
+            _field_set(self._applied_config(resource, applied), shape, (), config)
+            config = self._reset_fields(resource, writer, config) - _STRIPPED_PATHS
+            conflicts = managed.conflicts(writer, changed)
+            if conflicts and not writer.force:
+                raise _conflict_error(conflicts)
+            previous = managed.entries.pop(writer.key, None)
+            managed.take(changed, removed=removed)
+            if previous is not None and previous[1] == config and not changed and not removed:
+                entry = previous[0]  # nothing changed: the entry keeps its time
+            if config:
+                managed.entries[writer.key] = (entry, config)
+        else:
+            own = self._reset_fields(resource, writer, changed) - _STRIPPED_PATHS
+            managed.take(changed, removed=removed)
+            if own:
+                previous = managed.entries.get(writer.key)
+                managed.entries[writer.key] = (entry, (previous[1] if previous else set()) | own)
+        entries = managed.write()
+        if entries:
+            new_meta["managedFields"] = entries
+        else:
+            new_meta.pop("managedFields", None)
+
     # -- custom resources ----------------------------------------------------------------------------------
 
     def _crd_version(self, resource: kmock.resource) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -2695,11 +3263,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if version is None:
             return None
         schema = (version.get("schema") or {}).get("openAPIV3Schema")
-        return (
-            schema
-            if isinstance(schema, dict)
-            else {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-        )
+        return schema if isinstance(schema, dict) else _PRESERVE_EVERYTHING
 
     def _decode_custom(
         self,
@@ -2800,6 +3364,1012 @@ def _crd_registration(crd: Mapping[str, Any]) -> tuple[kmock.resource, kmock.Res
 
 def _group_version_path(resource: kmock.resource) -> str:
     return f"/apis/{resource.group}/{resource.version}" if resource.group else f"/api/{resource.version}"
+
+
+# -- how kube-apiserver encodes built-in kinds: field order, zero values, timestamps -----------------------
+
+# Go struct field order of the built-in types the emulator serves (JSON keys come out in this order; maps
+# such as labels or data come out sorted). Fields a type does not declare follow, in the order sent.
+_GO_FIELD_ORDER: dict[str, tuple[str, ...]] = {
+    "ObjectMeta": (
+        "name",
+        "generateName",
+        "namespace",
+        "selfLink",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "labels",
+        "annotations",
+        "ownerReferences",
+        "finalizers",
+        "managedFields",
+    ),
+    "ManagedFieldsEntry": (
+        "manager",
+        "operation",
+        "apiVersion",
+        "time",
+        "fieldsType",
+        "fieldsV1",
+        "subresource",
+    ),
+    "OwnerReference": ("apiVersion", "kind", "name", "uid", "controller", "blockOwnerDeletion"),
+    "ObjectReference": ("kind", "namespace", "name", "uid", "apiVersion", "resourceVersion", "fieldPath"),
+    "ConfigMap": ("kind", "apiVersion", "metadata", "immutable", "data", "binaryData"),
+    "Secret": ("kind", "apiVersion", "metadata", "immutable", "data", "stringData", "type"),
+    "ServiceAccount": (
+        "kind",
+        "apiVersion",
+        "metadata",
+        "secrets",
+        "imagePullSecrets",
+        "automountServiceAccountToken",
+    ),
+    "Namespace": ("kind", "apiVersion", "metadata", "spec", "status"),
+    "Pod": ("kind", "apiVersion", "metadata", "spec", "status"),
+    "CustomResourceDefinition": ("kind", "apiVersion", "metadata", "spec", "status"),
+    "Event": (
+        "kind",
+        "apiVersion",
+        "metadata",
+        "involvedObject",
+        "reason",
+        "message",
+        "source",
+        "firstTimestamp",
+        "lastTimestamp",
+        "count",
+        "type",
+        "eventTime",
+        "series",
+        "action",
+        "related",
+        "reportingComponent",
+        "reportingInstance",
+    ),
+    "events.k8s.io/Event": (
+        "kind",
+        "apiVersion",
+        "metadata",
+        "eventTime",
+        "series",
+        "reportingController",
+        "reportingInstance",
+        "action",
+        "reason",
+        "regarding",
+        "related",
+        "note",
+        "type",
+        "deprecatedSource",
+        "deprecatedFirstTimestamp",
+        "deprecatedLastTimestamp",
+        "deprecatedCount",
+    ),
+    "EventSource": ("component", "host"),
+    "EventSeries": ("count", "lastObservedTime"),
+}
+# Nested fields of those types that are themselves typed (the rest are maps, sorted, or scalars).
+_GO_NESTED: dict[str, dict[str, str]] = {
+    "ObjectMeta": {"ownerReferences": "[]OwnerReference", "managedFields": "[]ManagedFieldsEntry"},
+    "Event": {
+        "involvedObject": "ObjectReference",
+        "related": "ObjectReference",
+        "source": "EventSource",
+        "series": "EventSeries",
+    },
+    "events.k8s.io/Event": {
+        "regarding": "ObjectReference",
+        "related": "ObjectReference",
+        "deprecatedSource": "EventSource",
+        "series": "EventSeries",
+    },
+    "ServiceAccount": {"secrets": "[]ObjectReference"},
+}
+# What a typed object always carries, as a Go zero value: fields without omitempty (and structs, which
+# omitempty never drops). ``None`` is a zero metav1.Time / MicroTime, encoded as null.
+_GO_ZERO_FIELDS: dict[str, dict[str, Any]] = {
+    "Event": {
+        "involvedObject": {},
+        "source": {},
+        "firstTimestamp": None,
+        "lastTimestamp": None,
+        "eventTime": None,
+        "reportingComponent": "",
+        "reportingInstance": "",
+    },
+    "events.k8s.io/Event": {
+        "eventTime": None,
+        "regarding": {},
+        "deprecatedSource": {},
+        "deprecatedFirstTimestamp": None,
+        "deprecatedLastTimestamp": None,
+    },
+    "Namespace": {"spec": {}, "status": {}},
+    "Pod": {"spec": {"containers": None}, "status": {}},
+    "CustomResourceDefinition": {"spec": {}, "status": {}},
+}
+# metav1.Time fields (RFC 3339 to the second, in UTC) and metav1.MicroTime fields (to the microsecond).
+_GO_TIMES: dict[str, dict[str, str]] = {
+    "Event": {"firstTimestamp": "time", "lastTimestamp": "time", "eventTime": "micro"},
+    "events.k8s.io/Event": {
+        "eventTime": "micro",
+        "deprecatedFirstTimestamp": "time",
+        "deprecatedLastTimestamp": "time",
+    },
+    "EventSeries": {"lastObservedTime": "micro"},
+}
+_GO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+
+
+def _go_type(resource: kmock.resource, kind: str | None) -> str | None:
+    """The name the tables above know a built-in resource's type by (None: not described here)."""
+    if resource.group == "events.k8s.io":
+        return "events.k8s.io/Event"
+    return kind if kind in _GO_FIELD_ORDER else None
+
+
+_RFC3339 = "2006-01-02T15:04:05Z07:00"
+_RFC3339_MICRO = "2006-01-02T15:04:05.000000Z07:00"
+_GO_TIME_ELEMENTS = (
+    ("2006", r"\d{4}"),
+    ("-", "-"),
+    ("01", r"\d{2}"),
+    ("-", "-"),
+    ("02", r"\d{2}"),
+    ("T", "T"),
+    ("15", r"\d{2}"),
+    (":", ":"),
+    ("04", r"\d{2}"),
+    (":", ":"),
+    ("05", r"\d{2}"),
+)
+
+
+class _TimeError(ValueError):
+    """A timestamp Go's ``time.Parse`` refuses; the message is Go's."""
+
+
+def _go_parse_time(value: str, *, micro: bool) -> datetime.datetime:
+    """Go's ``time.Parse`` with RFC 3339 (a Time) or RFC 3339 with six fractional digits (a MicroTime)."""
+    layout = _RFC3339_MICRO if micro else _RFC3339
+    fraction = (".000000", r"\.\d{6}") if micro else ("", r"(\.\d+)?")  # Go takes a fraction unasked
+    rest = value
+    for element, pattern in (*_GO_TIME_ELEMENTS, fraction, ("Z07:00", r"Z|[+-]\d{2}:\d{2}")):
+        match = re.match(pattern, rest)
+        if match is None:
+            raise _TimeError(
+                f"parsing time {_go_quote(value)} as {_go_quote(layout)}: cannot parse {_go_quote(rest)} as"
+                f" {_go_quote(element)}"
+            )
+        rest = rest[match.end() :]
+    if rest:
+        raise _TimeError(f"parsing time {_go_quote(value)}: extra text: {_go_quote(rest)}")
+    year, month, day = int(value[0:4]), int(value[5:7]), int(value[8:10])
+    hour, minute, second = int(value[11:13]), int(value[14:16]), int(value[17:19])
+    for what, number, top in (
+        ("month", month, 12),
+        ("hour", hour, 23),
+        ("minute", minute, 59),
+        ("second", second, 59),
+    ):
+        if number > top or (what == "month" and number < 1):
+            raise _TimeError(f"parsing time {_go_quote(value)}: {what} out of range")
+    try:
+        datetime.date(year, month, day)
+    except ValueError:
+        raise _TimeError(f"parsing time {_go_quote(value)}: day out of range") from None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _go_time(kind: str, value: Any) -> Any:
+    """Decode and re-encode a metav1.Time ("time") or MicroTime ("micro") the way kube-apiserver does:
+    parsed as RFC 3339 (a MicroTime with exactly six fractional digits), written back in UTC, a Time to
+    the second. ``_TimeError`` for what Go would not parse."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _TimeError(f"json: cannot unmarshal {_json_type(value)} into Go value of type string")
+    moment = _go_parse_time(value, micro=kind == "micro").astimezone(datetime.UTC)
+    if kind == "micro":
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _go_decode(type_name: str, obj: dict[str, Any], field: str = "") -> None:
+    """What decoding into a Go struct and encoding it again does to a body, in place: zero values appear,
+    timestamps are normalized (nested typed fields too)."""
+    for key, zero in _GO_ZERO_FIELDS.get(type_name, {}).items():
+        if key not in obj:
+            obj[key] = copy.deepcopy(zero)
+    for key, kind in _GO_TIMES.get(type_name, {}).items():
+        if key in obj:
+            obj[key] = _go_time(kind, obj[key])
+    for key, nested in _GO_NESTED.get(type_name, {}).items():
+        value = obj.get(key)
+        if nested.startswith("[]") and isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    _go_decode(nested[2:], item, _child(field, key))
+        elif isinstance(value, dict):
+            _go_decode(nested, value, _child(field, key))
+
+
+# Fields of those types that are Go maps: encoded with their keys sorted.
+_GO_MAPS: dict[str, frozenset[str]] = {
+    "ObjectMeta": frozenset({"labels", "annotations"}),
+    "ConfigMap": frozenset({"data", "binaryData"}),
+    "Secret": frozenset({"data", "stringData"}),
+}
+
+
+def _go_ordered(type_name: str, value: Any) -> Any:
+    """``value`` with its keys in the order Go's encoder writes them: the type's fields in declaration order
+    (undeclared ones after, as sent), its map fields' keys sorted. Nested values of types not described
+    here keep the order they were sent in."""
+    if isinstance(value, list):
+        return [_go_ordered(type_name, item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    order = _GO_FIELD_ORDER.get(type_name, ())
+    nested = {"metadata": "ObjectMeta", **_GO_NESTED.get(type_name, {})}
+    maps = _GO_MAPS.get(type_name, frozenset())
+    keys = [key for key in order if key in value] + [key for key in value if key not in order]
+    result: dict[str, Any] = {}
+    for key in keys:
+        inner, item = nested.get(key), value[key]
+        if inner is not None:
+            result[key] = _go_ordered(inner.removeprefix("[]"), item)
+        elif key in maps and isinstance(item, dict):
+            result[key] = {k: item[k] for k in sorted(item)}
+        else:
+            result[key] = item
+    return result
+
+
+def _sorted_keys(value: Any) -> Any:
+    """A custom resource as kube-apiserver returns it: decoded into maps, so every key comes out sorted."""
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(item) for item in value]
+    return value
+
+
+def _coerce_object_meta(meta: dict[str, Any]) -> None:
+    """ObjectMeta's omitempty, in place: empty labels, annotations, finalizers, ownerReferences (and the
+    like) are dropped, as the round trip through ObjectMeta drops them (custom resources included)."""
+    for key in [k for k, v in meta.items() if k in _OBJECT_META_FIELDS and v in (None, "", {}, [])]:
+        if key not in ("creationTimestamp", "deletionGracePeriodSeconds"):
+            del meta[key]
+
+
+# -- managed fields, as structured-merge-diff tracks them ----------------------------------------------------
+#
+# Every write by a client is attributed to a field manager (``?fieldManager=``, else the first part of the
+# User-Agent) with an operation (Update for create, update and the non-apply patches; Apply for server-side
+# apply), the request's API version and its subresource. A field path is a tuple of structured-merge-diff's
+# path elements in their FieldsV1 spelling: ``f:name`` (a field or a map key), ``k:{"type":"Ready"}`` (an
+# item of a list-map), ``v:"x"`` (an item of a set). What the emulator does not do: the cap of ten Update
+# managers (``ancient-changes``), ``before-first-apply``, kubectl's last-applied annotation upgrade, and
+# version conversion of managed fields (only the storage version is served anyway).
+
+
+@dataclasses.dataclass
+class _Shape:
+    """A node of the type structured-merge-diff sees: ``map`` (a struct's declared ``fields``, and/or any
+    key typed ``element``), ``list`` (``list_type`` atomic, set or map with ``keys``), ``scalar``, or
+    ``untyped`` (deduced from the value: maps granular, lists atomic)."""
+
+    kind: str
+    fields: dict[str, _Shape] = dataclasses.field(default_factory=dict)
+    element: _Shape | None = None
+    atomic: bool = False
+    list_type: str = "atomic"
+    keys: tuple[str, ...] = ()
+
+    def child(self, key: str) -> _Shape:
+        return self.fields.get(key) or self.element or _UNTYPED
+
+
+_SCALAR = _Shape("scalar")
+_UNTYPED = _Shape("untyped")
+_ATOMIC = _Shape("map", element=_UNTYPED, atomic=True)
+
+
+def _struct(**fields: _Shape) -> _Shape:
+    return _Shape("map", fields=dict(fields))
+
+
+def _map_of(element: _Shape) -> _Shape:
+    return _Shape("map", element=element)
+
+
+_OBJECT_META_SHAPE = _struct(
+    labels=_map_of(_SCALAR),
+    annotations=_map_of(_SCALAR),
+    finalizers=_Shape("list", element=_SCALAR, list_type="set"),
+    ownerReferences=_Shape("list", element=_ATOMIC, list_type="map", keys=("uid",)),
+    managedFields=_Shape("list", element=_ATOMIC),
+)
+_OBJECT_META_SHAPE.element = _SCALAR  # name, uid and the other scalars
+_BUILTIN_SHAPES: dict[str, _Shape] = {
+    "ConfigMap": _struct(data=_map_of(_SCALAR), binaryData=_map_of(_SCALAR), immutable=_SCALAR),
+    "Secret": _struct(data=_map_of(_SCALAR), stringData=_map_of(_SCALAR), type=_SCALAR, immutable=_SCALAR),
+    "ServiceAccount": _struct(
+        secrets=_Shape("list", element=_ATOMIC, list_type="map", keys=("name",)),
+        imagePullSecrets=_Shape("list", element=_ATOMIC),
+        automountServiceAccountToken=_SCALAR,
+    ),
+    "Namespace": _struct(
+        spec=_struct(finalizers=_Shape("list", element=_SCALAR)),
+        status=_struct(
+            phase=_SCALAR,
+            conditions=_Shape("list", element=_map_of(_SCALAR), list_type="map", keys=("type",)),
+        ),
+    ),
+    "Event": _struct(
+        involvedObject=_ATOMIC,
+        related=_ATOMIC,
+        source=_map_of(_SCALAR),
+        series=_map_of(_SCALAR),
+    ),
+    "events.k8s.io/Event": _struct(
+        regarding=_ATOMIC,
+        related=_ATOMIC,
+        deprecatedSource=_map_of(_SCALAR),
+        series=_map_of(_SCALAR),
+    ),
+}
+for _shape in _BUILTIN_SHAPES.values():
+    _shape.fields.update(apiVersion=_SCALAR, kind=_SCALAR, metadata=_OBJECT_META_SHAPE)
+    _shape.element = _shape.element or _SCALAR
+# What the field manager leaves out of every manager's set (its stripMeta step): exact paths only.
+_STRIPPED_PATHS = frozenset(
+    {("f:apiVersion",), ("f:kind",), ("f:metadata",)}
+    | {
+        ("f:metadata", f"f:{name}")
+        for name in (
+            "name",
+            "namespace",
+            "creationTimestamp",
+            "selfLink",
+            "uid",
+            "clusterName",
+            "generation",
+            "managedFields",
+            "resourceVersion",
+        )
+    }
+)
+
+_FieldPath = tuple[str, ...]
+
+
+def _schema_shape(schema: Mapping[str, Any]) -> _Shape:
+    """The structured-merge-diff type of a CRD's structural schema (lists are atomic unless declared)."""
+    if schema.get("x-kubernetes-int-or-string"):
+        return _SCALAR
+    kind = schema.get("type")
+    preserve = bool(schema.get("x-kubernetes-preserve-unknown-fields"))
+    if kind == "array":
+        items = schema.get("items")
+        item_shape = _schema_shape(items) if isinstance(items, Mapping) else _UNTYPED
+        list_type = str(schema.get("x-kubernetes-list-type") or "atomic")
+        keys = tuple(sorted(str(k) for k in schema.get("x-kubernetes-list-map-keys") or ()))
+        return _Shape("list", element=item_shape, list_type=list_type, keys=keys)
+    if kind == "object" or "properties" in schema or "additionalProperties" in schema:
+        fields = {str(k): _schema_shape(v) for k, v in (schema.get("properties") or {}).items()}
+        if schema.get("x-kubernetes-embedded-resource"):
+            fields.update(apiVersion=_SCALAR, kind=_SCALAR, metadata=_OBJECT_META_SHAPE)
+        additional = schema.get("additionalProperties")
+        element: _Shape | None = None
+        if isinstance(additional, Mapping):
+            element = _schema_shape(additional)
+        elif additional is True or preserve:
+            element = _UNTYPED
+        return _Shape(
+            "map", fields=fields, element=element, atomic=schema.get("x-kubernetes-map-type") == "atomic"
+        )
+    return _UNTYPED if preserve or not kind else _SCALAR
+
+
+def _custom_resource_shape(schema: Mapping[str, Any]) -> _Shape:
+    shape = _schema_shape(schema)
+    if shape.kind != "map":
+        shape = _Shape("map", element=_UNTYPED)
+    shape.fields = dict(shape.fields, apiVersion=_SCALAR, kind=_SCALAR, metadata=_OBJECT_META_SHAPE)
+    return shape
+
+
+def _resolve_shape(shape: _Shape, *values: Any) -> _Shape:
+    """An untyped node takes the shape of its value: an object is a granular map, anything else atomic."""
+    if shape.kind != "untyped":
+        return shape
+    if any(isinstance(v, Mapping) for v in values):
+        return _Shape("map", element=_UNTYPED)
+    return _SCALAR
+
+
+def _list_items(shape: _Shape, value: Any) -> dict[str, Any]:
+    """The items of an associative list by their path element (the first of duplicates wins)."""
+    items: dict[str, Any] = {}
+    for item in value if isinstance(value, list) else []:
+        if shape.list_type == "map":
+            fields = item if isinstance(item, Mapping) else {}
+            element = "k:" + _go_json({key: fields.get(key) for key in shape.keys})
+        else:
+            element = "v:" + _go_json(item)
+        items.setdefault(element, item)
+    return items
+
+
+def _is_empty(value: Any) -> bool:
+    return value is _ABSENT or value is None or value == {} or value == []
+
+
+def _compare_fields(
+    lhs: Any,
+    rhs: Any,
+    shape: _Shape,
+    path: _FieldPath,
+    added: set[_FieldPath],
+    modified: set[_FieldPath],
+    removed: set[_FieldPath],
+) -> None:
+    """structured-merge-diff's ``Compare`` (``_ABSENT`` for a missing side): leaves (scalars, atomic values,
+    containers empty on both sides) are added, modified or removed; so are containers that appear or go."""
+    shape = _resolve_shape(shape, lhs, rhs)
+    container = shape.kind == "map" and all(isinstance(v, Mapping) or _is_empty(v) for v in (lhs, rhs))
+    container |= (
+        shape.kind == "list"
+        and shape.list_type in ("set", "map")
+        and all(isinstance(v, list) or _is_empty(v) for v in (lhs, rhs))
+    )
+    if not container or shape.atomic or (_is_empty(lhs) and _is_empty(rhs)):
+        if lhs is _ABSENT:
+            added.add(path)
+        elif rhs is _ABSENT:
+            removed.add(path)
+        elif not _json_equal(lhs, rhs):
+            modified.add(path)
+        return
+    if shape.kind == "map":
+        left = lhs if isinstance(lhs, Mapping) else {}
+        right = rhs if isinstance(rhs, Mapping) else {}
+        for key in dict.fromkeys([*left, *right]):
+            sub = shape.child(key)
+            _compare_fields(
+                left.get(key, _ABSENT),
+                right.get(key, _ABSENT),
+                sub,
+                (*path, f"f:{key}"),
+                added,
+                modified,
+                removed,
+            )
+    else:
+        left_items, right_items = _list_items(shape, lhs), _list_items(shape, rhs)
+        element = shape.element or _UNTYPED
+        for key in dict.fromkeys([*left_items, *right_items]):
+            _compare_fields(
+                left_items.get(key, _ABSENT),
+                right_items.get(key, _ABSENT),
+                element,
+                (*path, key),
+                added,
+                modified,
+                removed,
+            )
+    if lhs is _ABSENT:
+        added.add(path)
+    elif rhs is _ABSENT:
+        removed.add(path)
+
+
+def _field_set(value: Any, shape: _Shape, path: _FieldPath, out: set[_FieldPath]) -> None:
+    """structured-merge-diff's ``ToFieldSet``: every leaf, every list-map or set item, every map key that is
+    not a declared field, and every null or empty object."""
+    shape = _resolve_shape(shape, value)
+    if (
+        shape.atomic
+        or shape.kind in ("scalar", "untyped")
+        or (shape.kind == "list" and shape.list_type == "atomic")
+    ):
+        out.add(path)
+        return
+    if shape.kind == "map":
+        if not isinstance(value, Mapping):
+            out.add(path)
+            return
+        for key, item in value.items():
+            child = (*path, f"f:{key}")
+            if key not in shape.fields or item is None or item == {}:
+                out.add(child)
+            _field_set(item, shape.child(key), child, out)
+        return
+    for key, item in _list_items(shape, value).items():
+        out.add((*path, key))
+        _field_set(item, shape.element or _UNTYPED, (*path, key), out)
+
+
+def _smd_merge(lhs: Any, rhs: Any, shape: _Shape) -> Any:
+    """structured-merge-diff's ``Merge`` of an apply configuration (``rhs``) into the live object: maps
+    merge key by key, sets and list-maps item by item (kept in the order the merge walker makes), and any
+    other value — scalars, atomic maps and lists — is the configuration's."""
+    shape = _resolve_shape(shape, lhs, rhs)
+    if shape.kind == "map" and not shape.atomic and isinstance(lhs, Mapping) and isinstance(rhs, Mapping):
+        out = dict(lhs)
+        for key, value in rhs.items():
+            out[key] = _smd_merge(lhs[key], value, shape.child(key)) if key in lhs else copy.deepcopy(value)
+        return out
+    if (
+        shape.kind == "list"
+        and shape.list_type in ("set", "map")
+        and isinstance(lhs, list)
+        and isinstance(rhs, list)
+    ):
+        element = shape.element or _UNTYPED
+        left, right = _list_items(shape, lhs), _list_items(shape, rhs)
+        left_order, right_order = list(left), list(right)
+        shared = [key for key in right_order if key in left]
+        next_shared = shared.pop(0) if shared else None
+        merged: list[Any] = []
+        li = ri = 0
+        while li < len(left_order) or ri < len(right_order):
+            progressed = False
+            if li < len(left_order) and ri < len(right_order):
+                key = left_order[li]
+                if key == right_order[ri]:
+                    merged.append(_smd_merge(left[key], right[key], element))
+                    li, ri = li + 1, ri + 1
+                    next_shared = shared.pop(0) if shared else None
+                    continue
+                if key in right and next_shared is not None and next_shared != key:
+                    li += 1  # shared, but not the one wanted now: merged when the configuration gets there
+                    continue
+            if li < len(left_order) and left_order[li] not in right:
+                merged.append(copy.deepcopy(left[left_order[li]]))
+                li += 1
+                continue
+            if ri < len(right_order):
+                key = right_order[ri]
+                merged.append(
+                    _smd_merge(left[key], right[key], element) if key in left else copy.deepcopy(right[key])
+                )
+                ri += 1
+                if next_shared is not None and next_shared == key:
+                    next_shared = shared.pop(0) if shared else None
+                progressed = True
+            if not progressed:
+                li += 1  # an item already merged from the configuration's side
+        return merged
+    return copy.deepcopy(rhs)
+
+
+def _fields_v1(paths: set[_FieldPath]) -> dict[str, Any]:
+    """A set of paths in FieldsV1 form: ``{"f:a": {".": {}, "f:b": {}}}`` (``.``: the node itself)."""
+    tree: dict[str, Any] = {}
+    members: set[_FieldPath] = set()
+    for path in paths:
+        node = tree
+        for element in path:
+            node = node.setdefault(element, {})
+        members.add(path)
+
+    def render(node: dict[str, Any], path: _FieldPath) -> dict[str, Any]:
+        out: dict[str, Any] = {".": {}} if node and path in members else {}
+        for element in sorted(node):
+            out[element] = render(node[element], (*path, element))
+        return out
+
+    return render(tree, ())
+
+
+def _parse_fields_v1(fields: Any, path: _FieldPath = ()) -> set[_FieldPath]:
+    out: set[_FieldPath] = set()
+    if not isinstance(fields, Mapping):
+        return out
+    if not fields and path:
+        out.add(path)
+    for element, sub in fields.items():
+        if element == ".":
+            out.add(path)
+            continue
+        if element.startswith(("k:", "v:")):
+            with contextlib.suppress(ValueError):
+                element = element[:2] + _go_json(json.loads(element[2:]))  # one spelling for one key
+        out |= _parse_fields_v1(sub, (*path, element))
+    return out
+
+
+def _path_text(path: _FieldPath) -> str:
+    """A path as a conflict message prints it: ``.spec.roles[="viewer"]``, ``.status.conditions[type="Ready"]``."""
+
+    def shown(value: Any) -> str:
+        return _go_quote(value) if isinstance(value, str) else _go_json(value)
+
+    parts = []
+    for element in path:
+        kind, text = element[:2], element[2:]
+        if kind == "f:":
+            parts.append(f".{text}")
+        elif kind == "k:":
+            key = json.loads(text)
+            parts.append("[" + ",".join(f"{k}={shown(v)}" for k, v in key.items()) + "]")
+        elif kind == "v:":
+            parts.append(f"[={shown(json.loads(text))}]")
+        else:
+            parts.append(f"[{text}]")
+    return "".join(parts)
+
+
+def _remove_path(obj: Any, path: _FieldPath) -> None:
+    """Remove the field or list item at ``path`` from ``obj``, in place (nothing if it is not there)."""
+    node = obj
+    for index, element in enumerate(path):
+        last = index == len(path) - 1
+        kind, text = element[:2], element[2:]
+        if kind == "f:" and isinstance(node, dict):
+            if last:
+                node.pop(text, None)
+                return
+            node = node.get(text)
+        elif kind in ("k:", "v:") and isinstance(node, list):
+            wanted = json.loads(text)
+            match = [
+                i
+                for i, item in enumerate(node)
+                if (kind == "v:" and _json_equal(item, wanted))
+                or (
+                    kind == "k:"
+                    and isinstance(item, Mapping)
+                    and all(item.get(k) == v for k, v in wanted.items())
+                )
+            ]
+            if not match:
+                return
+            if last:
+                node.pop(match[0])
+                return
+            node = node[match[0]]
+        else:
+            return
+
+
+@dataclasses.dataclass(frozen=True)
+class _FieldManager:
+    """Who writes, and how: what a ``managedFields`` entry records."""
+
+    manager: str
+    operation: str  # "Update" or "Apply"
+    api_version: str
+    subresource: str | None = None
+    force: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        # buildManagerIdentifier: an applier is the same manager whatever version it applies in.
+        version = "" if self.operation == "Apply" else self.api_version
+        return (self.manager, self.operation, version, self.subresource or "")
+
+
+def _manager_name(request: kmock.Request) -> str:
+    """``?fieldManager=``, else the User-Agent up to its first ``/`` (printable characters, at most 128)."""
+    explicit = request.params.get("fieldManager")
+    if explicit:
+        return explicit
+    agent = request.headers.get("User-Agent", "").split("/")[0]
+    return "".join(char for char in agent if char.isprintable())[:128]
+
+
+@dataclasses.dataclass
+class _Managed:
+    """The managed fields of an object: each manager's entry and its set of paths."""
+
+    entries: dict[tuple[str, str, str, str], tuple[dict[str, Any], set[_FieldPath]]]
+
+    @classmethod
+    def read(cls, value: Any) -> _Managed:
+        entries: dict[tuple[str, str, str, str], tuple[dict[str, Any], set[_FieldPath]]] = {}
+        for entry in value if isinstance(value, list) else []:
+            if not isinstance(entry, Mapping):
+                continue
+            operation, version = str(entry.get("operation") or ""), str(entry.get("apiVersion") or "")
+            key = (
+                str(entry.get("manager") or ""),
+                operation,
+                "" if operation == "Apply" else version,
+                str(entry.get("subresource") or ""),
+            )
+            meta = {k: v for k, v in entry.items() if k not in ("fieldsType", "fieldsV1")}
+            entries[key] = (meta, _parse_fields_v1(entry.get("fieldsV1")))
+        return cls(entries)
+
+    def write(self) -> list[dict[str, Any]]:
+        """The entries as the API server stores them: sorted by operation, time (to the second), manager,
+        API version and subresource."""
+        out = []
+        for meta, paths in self.entries.values():
+            entry = {
+                "manager": meta.get("manager", ""),
+                "operation": meta.get("operation", ""),
+                "apiVersion": meta.get("apiVersion", ""),
+                "time": meta.get("time"),
+                "fieldsType": "FieldsV1",
+                "fieldsV1": _fields_v1(paths),
+            }
+            if meta.get("subresource"):
+                entry["subresource"] = meta["subresource"]
+            out.append(entry)
+        out.sort(
+            key=lambda e: (
+                e["operation"],
+                e["time"] or "",
+                e["manager"],
+                e["apiVersion"],
+                e.get("subresource", ""),
+            )
+        )
+        return out
+
+    def take(self, paths: set[_FieldPath], *, removed: set[_FieldPath]) -> None:
+        """The fields a write changed (``paths``) or removed belong to no one else any more."""
+        for key, (_, owned) in list(self.entries.items()):
+            owned -= paths
+            owned -= removed
+            if not owned:
+                del self.entries[key]
+
+    def conflicts(
+        self, writer: _FieldManager, changed: set[_FieldPath]
+    ) -> list[tuple[dict[str, Any], _FieldPath]]:
+        found = []
+        for key, (meta, owned) in sorted(self.entries.items()):
+            if key != writer.key:
+                found += [(meta, path) for path in sorted(owned & changed)]
+        return found
+
+
+def _conflict_error(conflicts: Sequence[tuple[Mapping[str, Any], _FieldPath]]) -> ApiError:
+    """The 409 a server-side apply gets when it would take fields another manager set differently."""
+
+    def printed(meta: Mapping[str, Any]) -> str:
+        text = _go_quote(str(meta.get("manager", "")))
+        if meta.get("subresource"):
+            text += f" with subresource {_go_quote(str(meta['subresource']))}"
+        if meta.get("operation") == "Update":
+            text += f" using {meta.get('apiVersion', '')}"
+        return text
+
+    causes = [
+        {
+            "reason": "FieldManagerConflict",
+            "message": f"conflict with {printed(meta)}",
+            "field": _path_text(path),
+        }
+        for meta, path in conflicts
+    ]
+    if len(conflicts) == 1:
+        meta, path = conflicts[0]
+        message = f"Apply failed with 1 conflict: conflict with {printed(meta)}: {_path_text(path)}"
+    else:
+        lines: list[str] = []
+        by_manager: dict[str, list[str]] = {}
+        for meta, path in conflicts:
+            by_manager.setdefault(printed(meta), []).append(_path_text(path))
+        for manager in sorted(by_manager):
+            lines.append(f"conflicts with {manager}:")
+            lines += [f"- {path}" for path in by_manager[manager]]
+        message = f"Apply failed with {len(conflicts)} conflicts: " + "\n".join(lines)
+    return ApiError(409, "Conflict", message, {"causes": causes})
+
+
+# -- tables: what `kubectl get` prints, computed by the server ----------------------------------------------
+
+
+def _human_duration(seconds: float) -> str:
+    """apimachinery's ``duration.HumanDuration``: how kubectl and the API server print an age."""
+    whole = int(seconds)
+    if whole < -1:
+        return "<invalid>"
+    if whole < 0:
+        return "0s"
+    if whole < 120:
+        return f"{whole}s"
+    minutes = whole // 60
+    if minutes < 10:
+        rest = whole % 60
+        return f"{minutes}m{rest}s" if rest else f"{minutes}m"
+    if minutes < 180:
+        return f"{minutes}m"
+    hours = whole // 3600
+    if hours < 8:
+        rest = minutes % 60
+        return f"{hours}h{rest}m" if rest else f"{hours}h"
+    if hours < 48:
+        return f"{hours}h"
+    if hours < 24 * 8:
+        rest = hours % 24
+        return f"{hours // 24}d{rest}h" if rest else f"{hours // 24}d"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24}d"
+    if hours < 24 * 365 * 8:
+        days = (hours // 24) % 365
+        return f"{hours // 24 // 365}y{days}d" if days else f"{hours // 24 // 365}y"
+    return f"{hours // 24 // 365}y"
+
+
+def _parse_timestamp(value: Any) -> datetime.datetime | None:
+    if not isinstance(value, str) or not _GO_TIME.match(value):
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _jsonpath_text(value: Any) -> str:
+    """How a printer column of type string shows a value (the JSONPath printer's text)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return _go_float(value)
+    if isinstance(value, (dict, list)):
+        return _go_json(value)
+    return str(value)
+
+
+def _event_source(component: Any, instance: Any) -> str:
+    component, instance = str(component or ""), str(instance or "")
+    if not component and not instance:
+        return ""
+    return f"{component}, {instance}" if instance else component
+
+
+_NAME_DOC = (
+    "Name must be unique within a namespace. Is required when creating resources, although some "
+    "resources may allow a client to request the generation of an appropriate name automatically. "
+    "Name is primarily intended for creation idempotence and configuration definition. Cannot be "
+    "updated. More info: https://kubernetes.io/docs/concepts/overview/working-with-"
+    "objects/names#names"
+)
+_CREATION_DOC = (
+    "CreationTimestamp is a timestamp representing the server time when this object was created. It "
+    "is not guaranteed to be set in happens-before order across separate operations. Clients may not "
+    "set this value. It is represented in RFC3339 form and is in UTC.\n\nPopulated by the system. Read-"
+    "only. Null for lists. More info: https://git.k8s.io/community/contributors/devel/sig-"
+    "architecture/api-conventions.md#metadata"
+)
+# The columns kube-apiserver v1.37 prints for the built-in kinds (pkg/printers/internalversion), and how
+# it describes them; "" is the default table of a kind without a printer.
+_BUILTIN_COLUMNS: dict[str, tuple[tuple[str, str, str, int], ...]] = {
+    "ConfigMap": (("Name", "string", "name", 0), ("Data", "string", "", 0), ("Age", "string", "", 0)),
+    "Event": (
+        ("Last Seen", "string", "", 0),
+        ("Type", "string", "", 0),
+        ("Reason", "string", "", 0),
+        ("Object", "string", "", 0),
+        ("Subobject", "string", "", 1),
+        ("Source", "string", "", 1),
+        ("Message", "string", "", 0),
+        ("First Seen", "string", "", 1),
+        ("Count", "string", "", 1),
+        ("Name", "string", "name", 1),
+    ),
+    "ServiceAccount": (("Name", "string", "name", 0), ("Age", "string", "", 0)),
+    "Secret": (
+        ("Name", "string", "name", 0),
+        ("Type", "string", "", 0),
+        ("Data", "string", "", 0),
+        ("Age", "string", "", 0),
+    ),
+    "Namespace": (("Name", "string", "name", 0), ("Status", "string", "", 0), ("Age", "string", "", 0)),
+    "Pod": (
+        ("Name", "string", "name", 0),
+        ("Ready", "string", "", 0),
+        ("Status", "string", "", 0),
+        ("Restarts", "string", "", 0),
+        ("Age", "string", "", 0),
+        ("IP", "string", "", 1),
+        ("Node", "string", "", 1),
+        ("Nominated Node", "string", "", 1),
+        ("Readiness Gates", "string", "", 1),
+    ),
+    "CustomResourceDefinition": (
+        ("Name", "string", "name", 0),
+        ("Scope", "string", "", 0),
+        ("Versions", "string", "", 0),
+        ("Created At", "date", "", 0),
+        ("Group", "string", "", 1),
+        ("Kind", "string", "", 1),
+        ("ShortNames", "string", "", 1),
+        ("Established", "boolean", "", 1),
+    ),
+    "": (("Name", "string", "name", 0), ("Created At", "date", "", 0)),
+}
+_COLUMN_DOCS: dict[tuple[str, str], str] = {
+    ("ConfigMap", "Data"): (
+        "Data contains the configuration data. Each key must consist of alphanumeric characters, '-', '_'"
+        " or '.'. Values with non-UTF-8 byte sequences must use the BinaryData field. The keys stored in "
+        "Data must not overlap with the keys in the BinaryData field, this is enforced during validation "
+        "process."
+    ),
+    ("Event", "Last Seen"): "The time at which the most recent occurrence of this event was recorded.",
+    ("Event", "Type"): "Type of this event (Normal, Warning), new types could be added in the future",
+    ("Event", "Reason"): (
+        "This should be a short, machine understandable string that gives the reason for the transition "
+        "into the object's current status."
+    ),
+    ("Event", "Object"): "The object that this event is about.",
+    ("Event", "Subobject"): (
+        "If referring to a piece of an object instead of an entire object, this string should contain a "
+        "valid JSON/Go field access statement, such as desiredState.manifest.containers[2]. For example, "
+        "if the object reference is to a container within a pod, this would take on a value like: "
+        '"spec.containers{name}" (where "name" refers to the name of the container that triggered the '
+        'event) or if no container name is specified "spec.containers[2]" (container with index 2 in this'
+        " pod). This syntax is chosen only to have some well-defined way of referencing a part of an "
+        "object."
+    ),
+    ("Event", "Source"): (
+        "The component reporting this event. Should be a short machine understandable string."
+    ),
+    ("Event", "Message"): "A human-readable description of the status of this operation.",
+    ("Event", "First Seen"): (
+        "The time at which the event was first recorded. (Time of server receipt is in TypeMeta.)"
+    ),
+    ("Event", "Count"): "The number of times this event has occurred.",
+    ("Secret", "Type"): (
+        "Used to facilitate programmatic handling of secret data. More info: "
+        "https://kubernetes.io/docs/concepts/configuration/secret/#secret-types"
+    ),
+    ("Secret", "Data"): (
+        "Data contains the secret data. Each key must consist of alphanumeric characters, '-', '_' or "
+        "'.'. The serialized form of the secret data is a base64 encoded string, representing the "
+        "arbitrary (possibly non-string) data value here. Described in "
+        "https://tools.ietf.org/html/rfc4648#section-4"
+    ),
+    ("Namespace", "Status"): "The status of the namespace",
+    ("Pod", "Ready"): "The aggregate readiness state of this pod for accepting traffic.",
+    ("Pod", "Status"): "The aggregate status of the containers in this pod.",
+    ("Pod", "Restarts"): (
+        "The number of times the containers in this pod have been restarted and when the last container "
+        "in this pod has restarted."
+    ),
+    ("Pod", "IP"): (
+        "podIP address allocated to the pod. Routable at least within the cluster. Empty if not yet "
+        "allocated."
+    ),
+    ("Pod", "Node"): (
+        "NodeName indicates in which node this pod is scheduled. If empty, this pod is a candidate for "
+        "scheduling by the scheduler defined in schedulerName. Once this field is set, the kubelet for "
+        "this node becomes responsible for the lifecycle of this pod. This field should not be used to "
+        "express a desire for the pod to be scheduled on a specific node. "
+        "https://kubernetes.io/docs/concepts/scheduling-eviction/assign-pod-node/#nodename"
+    ),
+    ("Pod", "Nominated Node"): (
+        "nominatedNodeName is set only when this pod preempts other pods on the node, but it cannot be "
+        "scheduled right away as preemption victims receive their graceful termination periods. This "
+        "field does not guarantee that the pod will be scheduled on this node. Scheduler may decide to "
+        "place the pod elsewhere if other nodes become available sooner. Scheduler may also decide to "
+        "give the resources on this node to a higher priority pod that is created after preemption. As a "
+        "result, this field may be different than PodSpec.nodeName when the pod is scheduled."
+    ),
+    ("Pod", "Readiness Gates"): (
+        "If specified, all readiness gates will be evaluated for pod readiness. A pod is ready when all "
+        "its containers are ready AND all conditions specified in the readiness gates have status equal "
+        'to "True" More info: https://git.k8s.io/enhancements/keps/sig-network/580-pod-readiness-gates'
+    ),
+    ("CustomResourceDefinition", "Scope"): "Cluster/Namespaced",
+    ("CustomResourceDefinition", "Versions"): "Served versions",
+    ("CustomResourceDefinition", "Group"): "API group",
+    ("CustomResourceDefinition", "Kind"): "CustomResource kind",
+    ("CustomResourceDefinition", "ShortNames"): "Short names",
+    ("CustomResourceDefinition", "Established"): "Established status",
+}
 
 
 # -- protobuf request bodies (what kubectl's typed clients send for built-in kinds) ------------------------
