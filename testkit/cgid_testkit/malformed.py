@@ -4,9 +4,10 @@ For each manifest: whether the API server rejects it (schema or CEL) or accepts 
 not the API server, has to refuse it and stall), the field the answer names, and a piece of the
 message. The same table runs against the Kubernetes emulator (tests/unit/test_kube_emulator_kubectl.py)
 and against the run's real kube-apiserver (tests/integration/test_malformed.py): where they disagree,
-the emulator is wrong. Message pieces are the words v1.32 and v1.37 share: the emulator words values as
-v1.32 does; newer servers print ``null`` for ``"null"``, and since v1.35 a failed CEL rule shows the
-offending scalar, or no value for an object, where v1.32 shows the schema type ``"object"``.
+the emulator is wrong. The emulator words errors as v1.37 does (the suite's own control plane); the
+message pieces are the words every version from 1.28 on shares (docs/ADMIN.md: older servers print
+``"null"`` for ``null``, and before v1.35 a failed CEL rule shows the schema type ``"object"`` where
+newer ones show the offending scalar, or no value for an object).
 """
 
 from __future__ import annotations
