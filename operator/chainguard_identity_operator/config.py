@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 
 from chainguard_identity_operator.durations import parse_duration
+from chainguard_identity_operator.urls import ISSUER_URL, ISSUER_URL_RULE
 
 PREFIX = "CGID_"
 
@@ -220,8 +221,8 @@ def validate(settings: Settings) -> None:
         fail("identity", f"set {PREFIX}IDENTITY (the operator's assumable identity) or {PREFIX}TOKEN_FILE")
     if settings.identity is not None and not _IDENTITY_UIDP.fullmatch(settings.identity):
         fail("identity", "must be an identity UIDP like <40 hex>/<16 hex>")
-    if settings.issuer is not None and not settings.issuer.startswith("https://"):
-        fail("issuer", "must be an https URL")
+    if settings.issuer is not None and not ISSUER_URL.fullmatch(settings.issuer):
+        fail("issuer", f"must be {ISSUER_URL_RULE}")
     if not settings.allowed_roles:
         fail("allowed_roles", "must name at least one role")
     for name in _DURATIONS:

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from chainguard_identity_operator import status
+from chainguard_identity_operator.urls import ISSUER_URL_PATTERN, ISSUER_URL_RULE
 
 GROUP = "iam.chainguard.dev"
 VERSION = "v1alpha1"
@@ -42,8 +43,6 @@ DURATION_PATTERN = r"^([0-9]{1,5}h)?([0-9]{1,7}m)?([0-9]{1,9}s)?$"
 # A role is named (registry.pull) or given by UIDP; one alternation so `kubectl explain` shows one rule.
 ROLE_PATTERN = r"^([a-z][a-z0-9._-]{0,62}|[0-9a-f]{40}(/[0-9a-f]{16})*)$"
 SINGLE_LINE_PATTERN = r"^[^\t\n\r]*$"
-# An https URL with a host and no whitespace (what isURL() would check, in a form cel-python knows).
-HTTPS_URL_PATTERN = r"^https://[^\s/]+(/\S*)?$"
 NO_WHITESPACE_PATTERN = r"^[^\s]+$"
 
 MAX_STATIC_LIFETIME_HOURS = 8760
@@ -197,8 +196,8 @@ def _spec_schema() -> dict[str, Any]:
             **{
                 "x-kubernetes-validations": [
                     _rule(
-                        f"self == '' || self.matches('{_cel_string(HTTPS_URL_PATTERN)}')",
-                        "spec.issuer must be an https:// URL with a host and no whitespace",
+                        f"self == '' || self.matches('{_cel_string(ISSUER_URL_PATTERN)}')",
+                        f"spec.issuer must be {ISSUER_URL_RULE}",
                     )
                 ]
             },

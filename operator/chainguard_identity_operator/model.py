@@ -18,12 +18,12 @@ from typing import Any
 from chainguard_identity_operator.chainguard.types import DEFAULT_AUDIENCE, parse_time
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.durations import parse_duration
+from chainguard_identity_operator.urls import ISSUER_URL, ISSUER_URL_RULE
 
 UIDP = re.compile(r"^[0-9a-f]{40}(/[0-9a-f]{16})*$")
 CHILD_UIDP = re.compile(r"^[0-9a-f]{40}(/[0-9a-f]{16})+$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
-HTTPS_URL = re.compile(r"^https://[^\s/]+(/\S*)?$")
 
 DEFAULT_VALID_FOR = datetime.timedelta(days=30)
 MAX_VALID_FOR = datetime.timedelta(hours=8760)
@@ -149,8 +149,8 @@ def parse_spec(namespace: str, name: str, spec: Mapping[str, Any], settings: Set
         raise SpecError("spec.mode", f"{raw_mode!r} is not one of Auto, ClaimMatch, Static") from None
 
     issuer = _string(spec, "issuer") or None
-    if issuer is not None and (len(issuer) > 2048 or not HTTPS_URL.fullmatch(issuer)):
-        raise SpecError("spec.issuer", f"{issuer!r} is not an https URL")
+    if issuer is not None and (len(issuer) > 2048 or not ISSUER_URL.fullmatch(issuer)):
+        raise SpecError("spec.issuer", f"{issuer!r} is not {ISSUER_URL_RULE}")
 
     audience = _string(spec, "audience", default=DEFAULT_AUDIENCE) or DEFAULT_AUDIENCE
     if len(audience) > 253 or any(ch.isspace() for ch in audience):

@@ -142,6 +142,7 @@ def test_unknown_variables_are_rejected_by_name() -> None:
         ("CGID_API_URL", "ftp://console-api.enforce.dev"),
         ("CGID_ISSUER_URL", "issuer.enforce.dev"),
         ("CGID_ISSUER", "http://kubernetes.default.svc"),
+        ("CGID_ISSUER", "https://kubernetes.default.svc?x=1"),
         ("CGID_IDENTITY", "not-a-uidp"),
         ("CGID_IDENTITY", "C95870EBFFA72A258DF087EA727EE92DAF177E29/F067A9080D45A098"),
         ("CGID_LIVENESS_PORT", "http"),

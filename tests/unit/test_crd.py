@@ -494,7 +494,7 @@ GOOD_SPECS = [
 ]
 
 XOR = "exactly one of spec.parent and spec.parentName must be set"
-HTTPS = "spec.issuer must be an https:// URL with a host and no whitespace"
+HTTPS = "spec.issuer must be an https:// URL with a host, no query or fragment, and no whitespace"
 BAD_SPECS = [
     pytest.param({"parent": ORG, "parentName": "my-org.example"}, XOR, id="both"),
     pytest.param({"roles": ["viewer"]}, XOR, id="neither"),
@@ -502,6 +502,8 @@ BAD_SPECS = [
     pytest.param({"parent": ORG, "issuer": "https://"}, HTTPS, id="no-host"),
     pytest.param({"parent": ORG, "issuer": "https:///path"}, HTTPS, id="empty-host"),
     pytest.param({"parent": ORG, "issuer": "https://a b"}, HTTPS, id="space"),
+    pytest.param({"parent": ORG, "issuer": "https://issuer.example/?x=1"}, HTTPS, id="query"),
+    pytest.param({"parent": ORG, "issuer": "https://issuer.example#top"}, HTTPS, id="fragment"),
     pytest.param(
         {"parent": ORG, "static": {"validFor": "8761h"}},
         "spec.static.validFor 8761h is longer than the API maximum of 8760h",
