@@ -30,7 +30,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    quiet_http_logs(settings.log_level)
+    quiet_logs(settings.log_level)
     runtime = Runtime.from_settings(settings)
     liveness = f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None
     asyncio.run(
@@ -48,12 +48,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def quiet_http_logs(level: str) -> None:
-    """httpx logs every request at INFO — two megabytes a run at a thousand resources. Request lines
-    are for DEBUG; the operator logs one INFO line per change of a resource's state instead."""
-    if logging.getLevelName(level.upper()) != logging.DEBUG:
-        for name in ("httpx", "httpcore"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+# Below DEBUG, what these loggers say per request or per object is the operator's to say once per change
+# of a resource's state (reconcile logs that line); their warnings and errors stay, except urllib3's.
+_QUIET_BELOW_DEBUG = {
+    # Every request at INFO: two megabytes a run at a thousand resources.
+    "httpx": logging.WARNING,
+    "httpcore": logging.WARNING,
+    # kopf's per-object account of its own work at INFO ("Handler 'spec_changed/spec' succeeded.",
+    # "Creation is in progress.", "Daemon 'worker' succeeded." ...): two thousand lines per burst of edits.
+    "kopf.objects": logging.WARNING,
+    # A warning for every retry the kubernetes client makes on its own, three per call while an API
+    # server restarts; the operator reports the failure they end in, once, with the same cause.
+    "urllib3": logging.ERROR,
+}
+
+
+def quiet_logs(level: str) -> None:
+    """At CGID_LOG_LEVEL INFO or above, quiet the libraries' per-request and per-object lines; at DEBUG
+    everything is kept."""
+    configured = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    if configured > logging.DEBUG:
+        for name, quiet in _QUIET_BELOW_DEBUG.items():
+            # Never louder than asked for: at ERROR, httpx's warnings stay out too.
+            logging.getLogger(name).setLevel(max(quiet, configured))
 
 
 def _crd(_: argparse.Namespace) -> int:

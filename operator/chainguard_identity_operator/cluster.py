@@ -3,7 +3,9 @@
 kopf owns watching and finalizers; everything else the reconcile needs from the cluster goes through
 ``ClusterClient``: the issuer discovery document, the JWKS, the ConfigMaps, status patches and events.
 It uses the official ``kubernetes`` package, whose calls block, so each call runs in a worker thread
-(``asyncio.to_thread``) and the event loop never stalls on the API server.
+(``asyncio.to_thread``) and the event loop never stalls on the API server. Every failure of a call is a
+``ClusterError``: an answer keeps its HTTP status, and an API server that cannot be reached (restarting,
+dropping connections, too slow) is one with no status, which the reconcile retries on its backoff.
 
 ``ClusterFactsCache`` reads the issuer and JWKS at most once per poll interval for the whole operator —
 not once per resource — and tells its listeners when the JWKS fingerprint changes, which is the
@@ -18,17 +20,19 @@ import asyncio
 import base64
 import dataclasses
 import datetime
+import http.client
 import json
 import logging
 import pathlib
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jwt
 import kubernetes.client
 import kubernetes.config
-from kubernetes.client.exceptions import ApiException
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException, OpenApiException
 
 from chainguard_identity_operator.cluster_errors import ClusterError, ConfigMapConflict, SecretConflict
 from chainguard_identity_operator.config import Settings
@@ -113,9 +117,47 @@ def issuer_from_token(path: pathlib.Path) -> str | None:
     return issuer if isinstance(issuer, str) and issuer else None
 
 
+# What a call raises when no answer came: the kubernetes client lets urllib3's errors through
+# (MaxRetryError, ProtocolError, ReadTimeoutError, ...), and none of them is an OSError.
+_TRANSPORT_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError)
+
+
 def _api_error(exc: ApiException, what: str) -> ClusterError:
+    if not exc.status:
+        # Status 0 is the client's own wrapping of a failure before any answer (a TLS handshake).
+        first = (exc.reason or "").strip().splitlines()
+        return _unreachable(what, redact(first[0]) if first else "ApiException")
     reason = redact(exc.reason or "error")  # a reason phrase is the server's text: it may echo a token
     return ClusterError(f"{what}: Kubernetes API answered {exc.status} {reason}", status=exc.status)
+
+
+def _unreachable(what: str, why: str) -> ClusterError:
+    return ClusterError(f"{what}: no answer from the Kubernetes API ({why})")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: its cause or context, and exceptions given as arguments (urllib3's
+    ProtocolError carries the error it stands for that way)."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [arg for arg in current.args if isinstance(arg, BaseException)]
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+
+
+def _transport_error(exc: BaseException, what: str) -> ClusterError:
+    """Name the failure by its kind and the system's words ("Connection refused"), never by urllib3's
+    text: that carries URLs and object addresses, which would make the message — and so the condition
+    and its event — new at every pass of an outage."""
+    outer = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason else exc
+    causes = list(_causes(outer))
+    strerror = next((c.strerror for c in causes if isinstance(c, OSError) and c.strerror), None)
+    detail = strerror or (type(causes[1]).__name__ if len(causes) > 1 else None)
+    return _unreachable(what, f"{type(outer).__name__}: {detail}" if detail else type(outer).__name__)
 
 
 class ClusterClient:
@@ -134,13 +176,15 @@ class ClusterClient:
             return await asyncio.to_thread(fn)
         except ApiException as exc:
             raise _api_error(exc, what) from None
-        except (OSError, kubernetes.client.exceptions.OpenApiException) as exc:
+        except _TRANSPORT_ERRORS as exc:
+            raise _transport_error(exc, what) from None
+        except OpenApiException as exc:
             raise ClusterError(f"{what}: {type(exc).__name__}") from None
 
     async def _raw(self, what: str, fn: Callable[..., Any]) -> str:
-        # The generated client turns a "str" response into the repr of parsed JSON; read the bytes.
-        response = await self._call(what, lambda: fn(_preload_content=False))
-        data = response.data
+        # The generated client turns a "str" response into the repr of parsed JSON; read the bytes —
+        # in the worker thread, inside _call: the body comes off the socket as it is read, and can break off.
+        data = await self._call(what, lambda: fn(_preload_content=False).data)
         return data.decode() if isinstance(data, bytes) else str(data)
 
     async def openid_configuration(self) -> Mapping[str, Any] | None:

@@ -94,6 +94,9 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     )
 
 
+# A stopped worker returns at once and leaves a pass under way for the finalizer to await
+# (Runtime._pass): kopf cancelling the daemon would cut a Chainguard write off, and a daemon that lingers
+# past kopf's instant-exit window gets the delete handler run twice.
 @kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
 async def worker(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _runtime(memo).run_worker(body, stopped)

@@ -7,7 +7,9 @@ and schedules only wake it.
 
 The worker sleeps until the earliest of: a wake-up (spec change, cluster keys changed), the next
 scheduled renewal, the retry backoff after a transient failure, or the resync interval that catches
-drift made outside the operator.
+drift made outside the operator. When its object is deleted, the worker leaves at once (kopf expects a
+stopped daemon to) but a pass under way is let finish, for at most ``STOP_GRACE``, rather than cancelled
+with a write in flight: the finalizer waits for it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ from chainguard_identity_operator.reconcile import (
 
 logger = logging.getLogger(__name__)
 
+# Seconds a pass still running when its object is deleted may take to end on its own before the finalizer
+# cancels it: a Chainguard write or two. This bounds the finalizer's delay too.
+STOP_GRACE = 5.0
 
 T = TypeVar("T")
 
@@ -69,6 +74,8 @@ class _Worker:
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     failures: int = 0
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    # The pass under way, if any: left running when the object is deleted, for the finalizer to await.
+    running: asyncio.Future[tuple[Outcome, float]] | None = None
 
 
 def resource_from_body(body: Mapping[str, Any]) -> Resource:
@@ -269,21 +276,24 @@ class Runtime:
         settings = self.settings
         resync = settings.resync_interval.total_seconds()
         if outcome.transient:
-            backoff = min(
-                settings.base_backoff.total_seconds() * (2 ** max(failures - 1, 0)),
-                settings.max_backoff.total_seconds(),
-            )
-            backoff *= random.uniform(
-                0.8, 1.2
-            )  # jitter: many objects failing together must not retry together
-            if outcome.retry_after is not None:
-                backoff = max(backoff, outcome.retry_after)
-            return float(min(backoff, resync))
+            return self.backoff(failures, outcome.retry_after)
         if outcome.wake_at is not None:
             until = (outcome.wake_at - self.context.clock()).total_seconds()
             return max(0.0, min(until, resync * random.uniform(0.9, 1.0)))
         # Jittered, so resources created together do not resync together forever after.
         return resync * random.uniform(0.9, 1.0)
+
+    def backoff(self, failures: int, retry_after: float | None = None) -> float:
+        """Seconds until a pass after the ``failures``-th transient failure in a row."""
+        settings = self.settings
+        backoff = min(
+            settings.base_backoff.total_seconds() * (2 ** max(failures - 1, 0)),
+            settings.max_backoff.total_seconds(),
+        )
+        backoff *= random.uniform(0.8, 1.2)  # jitter: many objects failing together must not retry together
+        if retry_after is not None:
+            backoff = max(backoff, retry_after)
+        return float(min(backoff, settings.resync_interval.total_seconds()))
 
     async def run_once(self, body: Mapping[str, Any]) -> tuple[Outcome, float]:
         resource = resource_from_body(body)
@@ -304,22 +314,73 @@ class Runtime:
 
     async def run_worker(self, body: Mapping[str, Any], stopped: StopFlag) -> None:
         """The per-object loop run by the kopf daemon; ``body`` is kopf's live view of the object."""
-        uid = body["metadata"]["uid"]
+        meta = body["metadata"]
+        uid = meta["uid"]
         worker = self._worker(uid)
         try:
             while not stopped:
                 worker.wake.clear()
                 try:
-                    _, delay = await self.run_once(body)
+                    ran = await self._pass(body, stopped)
+                except ClusterError as exc:
+                    # The pass ended but its status could not be written (an API server restarting):
+                    # a transient failure like any other, and the next pass writes what this one found.
+                    worker.failures += 1
+                    delay = self.backoff(worker.failures)
+                    logger.warning(
+                        "%s/%s: %s; retrying in %.1fs", meta["namespace"], meta["name"], exc, delay
+                    )
                 except Exception:
                     # Never crash the worker: log (no tokens are in our exceptions) and back off.
                     logger.exception("reconcile of %s failed unexpectedly", uid)
                     worker.failures += 1
                     delay = self.settings.max_backoff.total_seconds()
+                else:
+                    if ran is None:
+                        break  # stopped, and the pass was cancelled
+                    _, delay = ran
                 await self._sleep(worker.wake, stopped, delay)
         finally:
-            if stopped:
+            # A pass left running for the finalizer keeps the worker (its lock): the finalizer forgets it.
+            if stopped and (worker.running is None or worker.running.done()):
                 self.forget(uid)
+
+    async def _pass(self, body: Mapping[str, Any], stopped: StopFlag) -> tuple[Outcome, float] | None:
+        """One pass, or None if the worker was stopped before it ended.
+
+        When the object is being deleted, a pass under way is left running: the finalizer runs next, and
+        it needs the answer of a write in flight, not a write in doubt, so it waits for the pass (at most
+        ``STOP_GRACE``). The worker itself returns at once: kopf holds the finalizer until its daemon has
+        exited, and one that lingers gets the delete handler run a second time. When the operator stops,
+        the pass is cancelled at once: that is a crash, which the next start recovers from (it looks before
+        it writes), and a stopping pod should not wait on Chainguard."""
+        worker = self._worker(body["metadata"]["uid"])
+        task = worker.running = asyncio.ensure_future(self.run_once(body))
+        stopping = asyncio.ensure_future(stopped.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not stopping.done():
+                stopping.cancel()
+                await asyncio.wait({stopping})
+            # kopf's view of the object is live: it is marked for deletion before the worker is stopped.
+            if not task.done() and not body["metadata"].get("deletionTimestamp"):
+                task.cancel()
+                await asyncio.wait({task})
+        if not task.done() or task.cancelled():
+            return None
+        return task.result()
+
+    async def _finish_pass(self, worker: _Worker) -> None:
+        """Let the pass under way end (for at most ``STOP_GRACE``), then cancel what is left of it."""
+        running = worker.running
+        if running is None or running.done():
+            return
+        await asyncio.wait({running}, timeout=STOP_GRACE)
+        if not running.done():
+            logger.warning("a pass still running %.0fs after its object was deleted is cancelled", STOP_GRACE)
+            running.cancel()
+            await asyncio.wait({running})
 
     @staticmethod
     async def _sleep(wake: asyncio.Event, stopped: StopFlag, delay: float) -> None:
@@ -350,8 +411,10 @@ class Runtime:
     async def finalize(self, body: Mapping[str, Any]) -> None:
         """Run the finalizer; raise ``DeletionBlocked`` (after saying why in status and an event)."""
         resource = resource_from_body(body)
+        worker = self._worker(resource.ref.uid)
         try:
-            async with self._worker(resource.ref.uid).lock:
+            await self._finish_pass(worker)
+            async with worker.lock:
                 events = await finalize(self.context, resource)
         except DeletionBlocked as exc:
             patch = deletion_blocked_status(resource, str(exc), self.context.clock())
@@ -368,5 +431,8 @@ class Runtime:
             await self.cluster.post_event(
                 resource.ref, warning=event.warning, reason=event.reason, message=event.message
             )
+        # The last change of its state; reconcile logs the others.
+        done = "; ".join(event.message for event in events) or "nothing to delete"
+        logger.info("%s/%s: finalized: %s", resource.ref.namespace, resource.ref.name, done)
         self.forget(resource.ref.uid)
         self.metrics.forget_identity(resource.ref.namespace, resource.ref.name)

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from chainguard_identity_operator.chainguard.types import Role
-from chainguard_identity_operator.cli import quiet_http_logs
+from chainguard_identity_operator.cli import quiet_logs
 from chainguard_identity_operator.reconcile import LOOKUP_TTL, _Lookups
 
 NOW = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.UTC)
@@ -61,5 +61,5 @@ async def test_a_failed_lookup_fails_its_waiters_and_is_not_cached() -> None:
 def test_request_lines_are_logged_only_at_debug(level: str, quiet: bool) -> None:
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.NOTSET)
-    quiet_http_logs(level)
+    quiet_logs(level)
     assert (logging.getLogger("httpx").level == logging.WARNING) is quiet
