@@ -34,8 +34,23 @@ half each):
 5. **delete** all and time until all are gone; ``delete_limit_s`` uses the round trips deletion made;
    then count the identities and role bindings left in Chainguard (must be 0).
 
-Whatever happens, every process the bench started (the operator, py-spy, the control plane) is stopped
-before it exits, and ``--timeout`` bounds the whole run. The Chainguard emulator shares this process
+Load must make convergence slower, never turn into a retry storm (a pool or queue wait is not an API
+failure): ``--latency-ms`` slows the API, and ``--cpu-hog K`` starts K busy loops once set-up is done,
+which compete with the operator (and everything else) for the CPUs until the deletion is over. For
+every phase and for the whole measured span (first create to the end of the deletion) ``retry_storm``
+has what would show a storm: ``chainguard_requests`` and ``chainguard_errors``, the operator's own
+count of its Chainguard API tries and of those not answered 2xx or not answered at all (its
+``chainguard_api_requests_total``, by route and code in ``chainguard_errors_by_route``);
+``emulator_errors``, what the Chainguard emulator answered with an error status (STS included: 0 unless
+faults are injected); ``transient_passes``, reconcile passes that ended other than ready (from
+``chainguard_identity_reconciles_total{outcome}``, by outcome in ``passes_by_outcome``); and
+``retries_per_identity``, chainguard_requests / N — not a difference from a minimum, which cannot be
+known from outside (see bench/README.md): read it next to a clean run's. The operator's log in the span
+adds its handlers' retries (``handler_retries``), the not-Ready reasons it logged and its warnings and
+errors by logger. The totals are at the top level of the JSON too.
+
+Whatever happens, every process the bench started (the operator, py-spy, the CPU hog, the control
+plane) is stopped before it exits, and ``--timeout`` bounds the whole run. The Chainguard emulator shares this process
 with the bench's watch of the resources; the bench's own CPU is reported so that a reader can tell it
 was not the bottleneck. ``--py-spy DIR`` records the operator during the busy phases (a summary by
 package goes into the JSON), ``--tracemalloc`` runs it under tracemalloc (bench/traced_operator.py) and
@@ -84,6 +99,14 @@ WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE", "DELETECOLLECTION", "
 OPERATOR_RESOURCES = ("chainguardidentities", "chainguardidentities/status", "configmaps", "events")
 CLIENT_PARALLEL = 16  # the bench's own requests to the API server at once
 EDIT_ROLES = ("apk.pull",)
+# The figures of a retry storm, per phase in ``retry_storm`` and for the whole run at the top level.
+STORM_KEYS = (
+    "chainguard_requests",
+    "chainguard_errors",
+    "emulator_errors",
+    "transient_passes",
+    "retries_per_identity",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +126,7 @@ class Options:
     timeout_s: float = 3600.0
     workdir: pathlib.Path | None = None
     log_level: str = "INFO"
+    cpu_hog: int = 0  # busy-loop processes competing for the CPUs during the measured phases
 
     @property
     def latency(self) -> float:
@@ -266,6 +290,45 @@ class PySpy:
             self.popen.kill()
 
 
+class CpuHog:
+    """``count`` busy loops (``python -c``) competing with the operator for the machine's CPUs.
+
+    Each is a plain child of the bench (no session of its own: a Ctrl-C of the terminal stops them
+    too), killed by ``stop``; and each loop ends by itself within milliseconds once its parent is gone,
+    so not even a SIGKILL of the bench leaves one spinning."""
+
+    LOOP = (
+        "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(100000): pass\n"
+    )
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.popens: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        for _ in range(self.count):
+            self.popens.append(
+                subprocess.Popen(
+                    [sys.executable, "-S", "-c", self.LOOP],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+
+    def cpu_s(self) -> float:
+        return sum(_cpu(popen.pid) for popen in self.popens if popen.poll() is None)
+
+    def stop(self) -> None:
+        popens, self.popens = self.popens, []
+        for popen in popens:
+            if popen.poll() is None:
+                popen.kill()
+        for popen in popens:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=10)
+
+
 # -- phases -----------------------------------------------------------------------------------------------
 
 
@@ -278,6 +341,9 @@ class Mark:
     operator_cpu: float
     bench_cpu: float
     cluster_cpu: dict[str, tuple[int, float]]  # name -> (pid, CPU seconds)
+    metrics: dict[tuple[str, observe.Labels], float] | None = None  # the operator's; None if unreadable
+    log_offset: int = 0  # bytes of the operator's log
+    hog_cpu: float = 0.0  # CPU seconds of the --cpu-hog loops
 
 
 def _cpu(pid: int) -> float:
@@ -287,27 +353,45 @@ def _cpu(pid: int) -> float:
 
 class Bench:
     def __init__(
-        self, options: Options, backend: backends.Backend, operator: OperatorProcess, run_id: str
+        self,
+        options: Options,
+        backend: backends.Backend,
+        operator: OperatorProcess,
+        run_id: str,
+        hog: CpuHog | None = None,
     ) -> None:
         self.o = options
         self.b = backend
         self.operator = operator
+        self.hog = hog
         self.run_id = run_id
         self.namespaces = namespaces_of(run_id, options.namespaces)
         self.selector = f"{RUN_LABEL}={self.run_id}"
         self.watcher = observe.Watcher(backend.client, ALL_PATH, self.selector)
         self.sampler: observe.RssSampler | None = None
         self.phases: dict[str, dict[str, Any]] = {}
+        self.spans: dict[str, tuple[Mark, Mark]] = {}  # each phase's first and last mark
 
     # -- counters ------------------------------------------------------------------------------------
 
-    def mark(self) -> Mark:
+    async def mark(self) -> Mark:
+        try:
+            metrics: dict[tuple[str, observe.Labels], float] | None = await self.operator.metrics()
+        except httpx.HTTPError:
+            metrics = None
+        try:
+            log_offset = self.operator.log.stat().st_size
+        except OSError:
+            log_offset = 0
         return Mark(
             at=time.monotonic(),
             chainguard=len(self.b.chainguard.requests),
             operator_cpu=_cpu(self.operator.pid),
             bench_cpu=_cpu(os.getpid()),
             cluster_cpu={name: (pid, _cpu(pid)) for name, pid in self.b.cluster_pids().items()},
+            metrics=metrics,
+            log_offset=log_offset,
+            hog_cpu=self.hog.cpu_s() if self.hog is not None else 0.0,
         )
 
     def since(self, start: Mark, end: Mark) -> dict[str, Any]:
@@ -334,6 +418,56 @@ class Bench:
             "sts_exchanges": len(requests) - len(api),
             "chainguard_by_route": observe.counts(f"{r.method} {_route(r.path)} {r.status}" for r in api),
         }
+
+    def load(self, start: Mark, end: Mark) -> dict[str, Any]:
+        """Whether load turned into retries between two marks: the operator's own count of its
+        Chainguard API calls and of those not answered 2xx (``chainguard_api_requests_total``, every try
+        of its client; code ``error``: no answer), what the emulator answered with an error status (STS
+        included), the reconcile passes by outcome, and the operator's log in between."""
+        requests = self.b.chainguard.requests[start.chainguard : end.chainguard]
+        refused = [r for r in requests if r.status >= 400 or r.status == 0]
+        figures: dict[str, Any] = {
+            "seconds": round(end.at - start.at, 3),
+            "chainguard_requests": None,
+            "chainguard_errors": None,
+            "chainguard_errors_by_route": {},
+            "emulator_errors": len(refused),
+            "emulator_errors_by_route": observe.counts(
+                f"{r.method} {_route(r.path)} {r.status}" for r in refused
+            ),
+            "transient_passes": None,
+            "passes_by_outcome": {},
+            "retries_per_identity": None,
+            "cpu_hog_cpu_s": round(end.hog_cpu - start.hog_cpu, 3),
+        }
+        if start.metrics is not None and end.metrics is not None:
+            calls = observe.delta(end.metrics, start.metrics, "chainguard_api_requests_total")
+            errors = {key: n for key, n in calls.items() if not dict(key).get("code", "").startswith("2")}
+            passes = observe.delta(end.metrics, start.metrics, "chainguard_identity_reconciles_total")
+            outcomes = {dict(key).get("outcome", ""): int(n) for key, n in sorted(passes.items())}
+            sent = int(sum(calls.values()))
+            figures.update(
+                chainguard_requests=sent,
+                chainguard_errors=int(sum(errors.values())),
+                chainguard_errors_by_route={
+                    "{method} {route} {code}".format(**dict(key)): int(n) for key, n in sorted(errors.items())
+                },
+                # The metric's outcome is the pass's phase; every spec here is valid, so a pass that
+                # ended other than ready ended in a failure, which the operator retries with backoff.
+                transient_passes=sum(n for outcome, n in outcomes.items() if outcome != "ready"),
+                passes_by_outcome=outcomes,
+                retries_per_identity=round(sent / self.o.n, 3) if self.o.n else None,
+            )
+        figures.update(_log_slice(self.operator.log, start.log_offset, end.log_offset))
+        return figures
+
+    def retry_storm(self) -> dict[str, dict[str, Any]]:
+        """``load`` of every phase, and of the whole measured span (from the first create to the end
+        of the deletion, the moments between phases included)."""
+        figures = {name: self.load(start, end) for name, (start, end) in self.spans.items()}
+        if "create" in self.spans and "delete" in self.spans:
+            figures["total"] = self.load(self.spans["create"][0], self.spans["delete"][1])
+        return figures
 
     async def kube_delta(
         self, before: backends.KubeCounts, own: dict[tuple[str, str], int] | None = None
@@ -441,7 +575,7 @@ class Bench:
         o = self.o
         keys = [(self.manifest(i)["metadata"]["namespace"], f"bench-{i:05d}") for i in range(o.n)]
         kube_before = await self.b.kube_requests()
-        start = self.mark()
+        start = await self.mark()
 
         async def post(client: httpx.AsyncClient, index: int) -> None:
             body = self.manifest(index)
@@ -456,7 +590,8 @@ class Bench:
 
         timeout = max(180.0, o.n * 0.6)
         finished = await self.watcher.wait(all_ready, timeout=timeout)
-        end = self.mark()
+        end = await self.mark()
+        self.spans["create"] = (start, end)
         phase = self.since(start, end)
         phase.update(await self.kube_delta(kube_before, {("POST", PLURAL): o.n}))
         times = sorted(
@@ -486,9 +621,10 @@ class Bench:
         events = await self.list_events()
         modified = self.watcher.modified
         metrics_before = await self.operator.metrics()
-        start = self.mark()
+        start = await self.mark()
         await asyncio.sleep(o.quiet_resyncs * o.resync_s)
-        end = self.mark()
+        end = await self.mark()
+        self.spans["quiet"] = (start, end)
         phase = self.since(start, end)
         phase.update(await self.kube_delta(kube_before))
         config_maps_after = await self.list_config_maps()
@@ -516,7 +652,7 @@ class Bench:
     async def edit(self) -> None:
         live = [(seen.namespace, seen.name) for seen in self.watcher.live()]
         kube_before = await self.b.kube_requests()
-        start = self.mark()
+        start = await self.mark()
 
         async def patch(client: httpx.AsyncClient, key: tuple[str, str]) -> None:
             namespace, name = key
@@ -538,7 +674,8 @@ class Bench:
             )
 
         finished = await self.watcher.wait(all_edited, timeout=max(180.0, len(live) * 0.6))
-        end = self.mark()
+        end = await self.mark()
+        self.spans["edit"] = (start, end)
         phase = self.since(start, end)
         phase.update(await self.kube_delta(kube_before, {("PATCH", PLURAL): len(live)}))
         phase["submitted_s"] = round(submitted, 3)
@@ -556,9 +693,9 @@ class Bench:
         static = {(s.namespace, s.name): s for s in self.watcher.live() if s.mode == "Static"}
         old = {key: seen.fingerprint for key, seen in static.items()}
         identities = {seen.identity_id: key for key, seen in static.items()}
-        start = self.mark()
+        start = await self.mark()
         await self.b.rotate_signing_key()
-        restarted = self.mark()
+        restarted = await self.mark()
         kube_before = await self.b.kube_requests()  # the API server's counters restarted with it
 
         def all_rekeyed() -> bool:
@@ -568,10 +705,11 @@ class Bench:
             )
 
         finished = await self.watcher.wait(all_rekeyed, timeout=max(120.0, len(static) * 0.5))
-        rekeyed = self.mark()
+        rekeyed = await self.mark()
         # Another poll interval and its spread: a second write to any identity would show by then.
         await asyncio.sleep(o.jwks_poll_s + min(30.0, o.jwks_poll_s / 10) + 3.0)
-        end = self.mark()
+        end = await self.mark()
+        self.spans["rotate"] = (start, end)
         phase = self.since(start, end)
         phase.update(await self.kube_delta(kube_before))
         requests = self.b.chainguard.requests[start.chainguard : end.chainguard]
@@ -594,7 +732,7 @@ class Bench:
     async def delete(self) -> None:
         live = [(seen.namespace, seen.name) for seen in self.watcher.live()]
         kube_before = await self.b.kube_requests()
-        start = self.mark()
+        start = await self.mark()
         own = 0
         singly: list[tuple[str, str]] = []
         async with self.b.client() as client:
@@ -620,13 +758,24 @@ class Bench:
             return not self.watcher.live()
 
         finished = await self.watcher.wait(all_gone, timeout=max(180.0, len(live) * 0.6))
-        end = self.mark()
+        end = await self.mark()
+        self.spans["delete"] = (start, end)
         phase = self.since(start, end)
         # A delete of a collection is counted as a DELETE of the resource.
         phase.update(await self.kube_delta(kube_before, {("DELETE", PLURAL): own}))
         phase["finished"] = finished
         phase["deleted"] = len(live) - len(self.watcher.live())
         phase["delete_s"] = round(end.at - start.at, 3) if finished else None
+        # Each resource's time until it was gone: one held back (its finalizer run again, say) shows here.
+        gone = sorted(
+            (seen.deleted - start.at, f"{seen.namespace}/{seen.name}")
+            for key in live
+            if (seen := self.watcher.seen.get(key)) is not None and seen.deleted is not None
+        )
+        if gone:
+            phase["gone_p50_s"] = round(statistics.median(at for at, _ in gone), 3)
+            phase["gone_p95_s"] = round(gone[int(0.95 * (len(gone) - 1))][0], 3)
+            phase["slowest_gone"] = {name: round(at, 3) for at, name in gone[-3:]}
         await asyncio.sleep(1.0)  # a finalizer's last call lands after its resource went
         chainguard = self.b.chainguard
         operator_identity = self.b.operator_identity
@@ -723,6 +872,45 @@ def _not_ready(watcher: observe.Watcher, keys: Sequence[tuple[str, str]]) -> dic
     return observe.counts(reasons)
 
 
+def _log_slice(path: pathlib.Path, start: int, end: int) -> dict[str, Any]:
+    """What the operator logged between two offsets: its handlers' retries (kopf's "failed
+    temporarily" and "failed with an exception"; the finalizer's DeletionBlocked is one), passes that
+    failed unexpectedly, the not-Ready reasons its reconciler logged (once per change of reason), and
+    the warnings and errors by logger."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(start)
+            text = handle.read(max(0, end - start)).decode(errors="replace")
+    except OSError:
+        return {}
+    handler_retries = unexpected = 0
+    reasons: list[str] = []
+    problems: list[str] = []
+    for line in text.splitlines():
+        parts = line.split(" ", 4)
+        if len(parts) < 5:
+            continue
+        level, logger, message = parts[2], parts[3].rstrip(":"), parts[4]
+        if logger == "kopf.objects" and (
+            "failed temporarily" in message or "failed with an exception" in message
+        ):
+            handler_retries += 1
+        if "failed unexpectedly" in message:
+            unexpected += 1
+        if logger == "chainguard_identity_operator.reconcile":
+            words = message.split(" ", 3)  # "<namespace>/<name>: <phase> <Reason>: <message>"
+            if len(words) >= 3 and words[0].endswith(":") and words[1] != "ready":
+                reasons.append(f"{words[1]} {words[2].rstrip(':')}")
+        if level in ("WARNING", "ERROR", "CRITICAL"):
+            problems.append(f"{logger} {level}")
+    return {
+        "handler_retries": handler_retries,
+        "passes_failed_unexpectedly": unexpected,
+        "logged_not_ready": observe.counts(reasons),
+        "log_warnings_and_errors": observe.counts(problems),
+    }
+
+
 def _log_stats(path: pathlib.Path) -> dict[str, Any]:
     try:
         text = path.read_text(errors="replace")
@@ -784,7 +972,10 @@ async def run(options: Options, *, plane: Any = None) -> dict[str, Any]:
         operator = OperatorProcess(
             env, workdir / "operator.log", traced=workdir / "tracemalloc" if options.tracemalloc else None
         )
-        bench = Bench(options, backend, operator, run_id)
+        hog = CpuHog(options.cpu_hog)
+        stack.callback(hog.stop)
+        atexit.register(hog.stop)
+        bench = Bench(options, backend, operator, run_id, hog)
         await asyncio.gather(*(backend.add_namespace(namespace) for namespace in bench.namespaces))
         stack.push_async_callback(bench.cleanup)  # runs after the operator has stopped
         stack.callback(operator.kill_now)
@@ -804,6 +995,7 @@ async def run(options: Options, *, plane: Any = None) -> dict[str, Any]:
         idle_stats = observe.process_stats(operator.pid)
         idle_snapshot = await operator.snapshot()
         profiles: dict[str, Any] = {}
+        hog.start()  # set-up is done: from here on the measured phases compete with the loops
 
         async def phase(name: str, step: Callable[[], Awaitable[None]]) -> None:
             spy.start(name)
@@ -820,6 +1012,7 @@ async def run(options: Options, *, plane: Any = None) -> dict[str, Any]:
         await phase("edit", bench.edit)
         await phase("rotate", bench.rotate)
         await phase("delete", bench.delete)
+        hog.stop()
         final = observe.process_stats(operator.pid)
         metrics = await operator.metrics()
 
@@ -827,6 +1020,9 @@ async def run(options: Options, *, plane: Any = None) -> dict[str, Any]:
         results["setup_s"] = round(setup_s, 1)
         results["operator_log"] = _log_stats(operator.log)
         results["phases"] = bench.phases
+        storm = results["retry_storm"] = bench.retry_storm()
+        for key in STORM_KEYS:
+            results[key] = storm.get("total", {}).get(key)
         if profiles:
             results["py_spy"] = profiles
         if idle_snapshot is not None and steady_snapshot is not None:
@@ -874,6 +1070,7 @@ def _figures(
         "n": o.n,
         "latency_ms": o.latency_ms,
         "concurrency": o.concurrency,
+        "cpu_hog": o.cpu_hog,
         "namespaces": o.namespaces,
         "resync_s": o.resync_s,
         "ready_s": ready_s,
@@ -936,7 +1133,10 @@ def _figures(
 TABLE = (
     ("backend / cluster", lambda r: f"{r['backend']} / {r['cluster']}"),
     ("N, mode, namespaces", lambda r: f"{r['n']}, {r['mode']}, {r['namespaces']}"),
-    ("latency, concurrency", lambda r: f"{r['latency_ms']} ms, {r['concurrency']}"),
+    (
+        "latency, concurrency, CPU hog",
+        lambda r: f"{r['latency_ms']} ms, {r['concurrency']}, {r['cpu_hog']} busy loops",
+    ),
     ("all Ready (p50 / p95)", lambda r: f"{r['ready_s']} s ({r['p50_s']} / {r['p95_s']} s)"),
     (
         "all created by the bench, then Ready",
@@ -967,9 +1167,19 @@ TABLE = (
         ),
     ),
     ("delete all", lambda r: f"{r['delete_s']} s (limit {r['delete_limit_s']} s, ratio {r['delete_ratio']})"),
+    (
+        "each gone p50 / p95 (slowest)",
+        lambda r: "{gone_p50_s} / {gone_p95_s} s ({slowest})".format(
+            slowest=max(r["phases"]["delete"]["slowest_gone"].values()), **r["phases"]["delete"]
+        ),
+    ),
     ("delete calls / identity", lambda r: r["delete_round_trips_per_identity"]),
     ("leftover identities, bindings", lambda r: f"{r['leftover_identities']}, {r['leftover_role_bindings']}"),
     ("operator API errors", lambda r: r["operator_api_errors"]),
+    ("Chainguard requests (errors)", lambda r: _by_phase(r, "chainguard_requests", "chainguard_errors")),
+    ("emulator errors", lambda r: _by_phase(r, "emulator_errors")),
+    ("transient passes", lambda r: _by_phase(r, "transient_passes")),
+    ("requests / identity (retries)", lambda r: _by_phase(r, "retries_per_identity")),
     (
         "operator log",
         lambda r: "{bytes} bytes, {lines} lines, {warnings} warnings, {errors} errors".format(
@@ -979,12 +1189,23 @@ TABLE = (
 )
 
 
+def _by_phase(results: dict[str, Any], key: str, second: str | None = None) -> str:
+    """``key`` of every phase and of the total, as ``create 230 (0), quiet 4 (0), ..., total 890 (0)``."""
+    parts = []
+    for phase, figures in results["retry_storm"].items():
+        text = f"{phase} {figures[key]}"
+        if second is not None:
+            text += f" ({figures[second]})"
+        parts.append(text)
+    return ", ".join(parts)
+
+
 def print_table(results: dict[str, Any]) -> None:
     width = max(len(label) for label, _ in TABLE)
     for label, value in TABLE:
         try:
             text = str(value(results))
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, ValueError):
             text = "-"
         print(f"{label:<{width}}  {text}")
     for phase, summary in (results.get("py_spy") or {}).items():
@@ -1021,9 +1242,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--timeout", type=float, default=3600.0, help="stop the whole run after this (s)")
     parser.add_argument("--workdir", type=pathlib.Path, help="keep logs and state here (default: a temp dir)")
     parser.add_argument("--log-level", default="INFO", help="CGID_LOG_LEVEL of the operator")
+    parser.add_argument(
+        "--cpu-hog", type=int, default=0, metavar="K", help="K busy loops on the CPUs while measuring (0)"
+    )
     args = parser.parse_args(argv)
     if args.n < 1 or args.concurrency < 1 or args.namespaces < 1:
         parser.error("--n, --concurrency and --namespaces must be at least 1")
+    if args.cpu_hog < 0:
+        parser.error("--cpu-hog must be at least 0")
     quick = {"resync_s": 3.0, "quiet_resyncs": 2, "jwks_poll_s": 1.0} if args.quick else {}
     return Options(
         n=args.n,
@@ -1041,6 +1267,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         timeout_s=args.timeout,
         workdir=args.workdir,
         log_level=args.log_level,
+        cpu_hog=args.cpu_hog,
     )
 
 

@@ -3,7 +3,8 @@
 - ``ProcessStats``: CPU seconds (utime + stime) and resident memory of one process, from ``/proc/<pid>``;
   ``VmHWM`` is the kernel's own high-water mark of RSS, so the peak is exact, not sampled.
 - ``RssSampler``: RSS every half second, so a phase can report its median (the "steady" figure).
-- ``parse_prometheus``: the text format, as ``(name, labels) -> value`` (enough for counters and gauges).
+- ``parse_prometheus``: the text format, as ``(name, labels) -> value`` (enough for counters and gauges);
+  ``total`` sums a metric's series, ``delta`` is how much each series of a counter grew between two scrapes.
 - ``Watcher``: one watch over every benchmarked ``ChainguardIdentity`` (label selector), resumed after an
   API server restart (a key rotation restarts it); it keeps each resource's last state and when it first
   became Ready, and counts the MODIFIED events — each one a write that changed the object in etcd.
@@ -140,6 +141,18 @@ def total(samples: Mapping[tuple[str, Labels], float], name: str, **match: str) 
         for (metric, labels), value in samples.items()
         if metric == name and all((key, want) in labels for key, want in match.items())
     )
+
+
+def delta(
+    after: Mapping[tuple[str, Labels], float], before: Mapping[tuple[str, Labels], float], name: str
+) -> dict[Labels, float]:
+    """How much each series of the counter ``name`` grew from ``before`` to ``after`` (a series absent
+    before counts from 0; series that did not move are left out)."""
+    grown: dict[Labels, float] = {}
+    for (metric, labels), value in after.items():
+        if metric == name and (change := value - before.get((metric, labels), 0.0)) > 0:
+            grown[labels] = change
+    return grown
 
 
 # -- the resources ---------------------------------------------------------------------------------------
