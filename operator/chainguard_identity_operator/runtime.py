@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import logging
@@ -27,6 +28,7 @@ import kubernetes.client
 
 from chainguard_identity_operator.chainguard.auth import AssumedIdentity, StaticTokenFile, TokenSource
 from chainguard_identity_operator.chainguard.client import ChainguardClient
+from chainguard_identity_operator.chainguard.flow import CURRENT_WRITES, Writes
 from chainguard_identity_operator.chainguard.sts import STSClient
 from chainguard_identity_operator.cluster import (
     ClusterClient,
@@ -74,8 +76,10 @@ class _Worker:
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     failures: int = 0
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
-    # The pass under way, if any: left running when the object is deleted, for the finalizer to await.
-    running: asyncio.Future[tuple[Outcome, float]] | None = None
+    # The pass under way, if any, and the Chainguard writes it has on the wire: left running when the
+    # object is deleted, for the finalizer to end (``Runtime._finish_pass``).
+    running: asyncio.Future[tuple[Outcome, float] | Exception] | None = None
+    writes: Writes = dataclasses.field(default_factory=Writes)
 
 
 def resource_from_body(body: Mapping[str, Any]) -> Resource:
@@ -349,13 +353,17 @@ class Runtime:
         """One pass, or None if the worker was stopped before it ended.
 
         When the object is being deleted, a pass under way is left running: the finalizer runs next, and
-        it needs the answer of a write in flight, not a write in doubt, so it waits for the pass (at most
-        ``STOP_GRACE``). The worker itself returns at once: kopf holds the finalizer until its daemon has
-        exited, and one that lingers gets the delete handler run a second time. When the operator stops,
+        it needs the answer of a write in flight, not a write in doubt, so it lets the pass's writes land
+        (at most ``STOP_GRACE``) before it cancels the rest. The worker itself returns at once: kopf
+        holds the finalizer until its daemon has exited, and one that lingers gets the delete handler run
+        a second time. When the operator stops,
         the pass is cancelled at once: that is a crash, which the next start recovers from (it looks before
         it writes), and a stopping pod should not wait on Chainguard."""
         worker = self._worker(body["metadata"]["uid"])
-        task = worker.running = asyncio.ensure_future(self.run_once(body))
+        worker.writes = Writes()
+        context = contextvars.copy_context()
+        context.run(CURRENT_WRITES.set, worker.writes)
+        task = worker.running = asyncio.get_running_loop().create_task(self._guarded(body), context=context)
         stopping = asyncio.ensure_future(stopped.wait())
         try:
             await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -369,18 +377,50 @@ class Runtime:
                 await asyncio.wait({task})
         if not task.done() or task.cancelled():
             return None
-        return task.result()
+        result = task.result()
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-    async def _finish_pass(self, worker: _Worker) -> None:
-        """Let the pass under way end (for at most ``STOP_GRACE``), then cancel what is left of it."""
-        running = worker.running
+    async def _guarded(self, body: Mapping[str, Any]) -> tuple[Outcome, float] | Exception:
+        """``run_once``, with its failure as the result: a task that ends in an exception is one kopf
+        re-raises at exit (it awaits every task of the loop), as "the operator failed"."""
+        try:
+            return await self.run_once(body)
+        except Exception as exc:
+            return exc
+
+    async def _finish_pass(self, worker: _Worker, what: str) -> None:
+        """End the pass under way: at once if it has no Chainguard write on the wire (it is reading, or
+        waiting for a slot behind other calls — nothing is cut off), else once its writes are answered,
+        for at most ``STOP_GRACE``."""
+        running, writes = worker.running, worker.writes
         if running is None or running.done():
             return
-        await asyncio.wait({running}, timeout=STOP_GRACE)
+        deadline = asyncio.get_running_loop().time() + STOP_GRACE
+        while not running.done() and writes.count:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                logger.warning(
+                    "%s: a Chainguard write still unanswered %.0fs after deletion is cut off; the finalizer "
+                    "looks up what it may have made",
+                    what,
+                    STOP_GRACE,
+                )
+                break
+            quiet = asyncio.ensure_future(writes.none_in_flight())
+            either: set[asyncio.Future[Any]] = {running, quiet}
+            try:
+                await asyncio.wait(either, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                quiet.cancel()
+        # The pass is suspended where it awaits, and it counts no write there (or time is up): cancel it
+        # before it runs again, so it sends nothing more.
         if not running.done():
-            logger.warning("a pass still running %.0fs after its object was deleted is cancelled", STOP_GRACE)
             running.cancel()
             await asyncio.wait({running})
+        elif not running.cancelled() and isinstance(failed := running.result(), Exception):
+            logger.warning("%s: the pass under way at deletion failed: %s", what, failed)
 
     @staticmethod
     async def _sleep(wake: asyncio.Event, stopped: StopFlag, delay: float) -> None:
@@ -413,7 +453,7 @@ class Runtime:
         resource = resource_from_body(body)
         worker = self._worker(resource.ref.uid)
         try:
-            await self._finish_pass(worker)
+            await self._finish_pass(worker, f"{resource.ref.namespace}/{resource.ref.name}")
             async with worker.lock:
                 events = await finalize(self.context, resource)
         except DeletionBlocked as exc:

@@ -40,7 +40,7 @@ from chainguard_identity_operator.config import Settings
 
 pytestmark = pytest.mark.timeout(300)
 
-SCHEDULES = int(os.environ.get("CGID_SCHEDULES", "120"))
+SCHEDULES = int(os.environ.get("CGID_SCHEDULES", "200"))
 STEPS = 24
 ISSUER = "https://oidc.schedules.example"
 NAMESPACE = "shop"

@@ -4,6 +4,7 @@ backs off when a pass's status cannot be written. No cluster, no Chainguard: ``r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import pathlib
@@ -15,6 +16,7 @@ import pytest
 from chainguard_identity_operator import runtime as runtime_module
 from chainguard_identity_operator.chainguard.auth import StaticTokenFile
 from chainguard_identity_operator.chainguard.client import ChainguardClient
+from chainguard_identity_operator.chainguard.flow import CURRENT_WRITES
 from chainguard_identity_operator.cluster_errors import ClusterError
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.runtime import Runtime
@@ -71,8 +73,11 @@ async def test_a_pass_in_flight_when_the_object_is_deleted_is_let_end_and_the_fi
     stop, started, release, finished, seen = Stop(), asyncio.Event(), asyncio.Event(), [], []
 
     async def slow_pass(body: Any) -> Any:
-        started.set()
-        await release.wait()  # a write in flight, answered after the stop
+        writes = CURRENT_WRITES.get()
+        assert writes is not None, "a pass runs with its own count of writes"
+        with writes.sending():  # as the Chainguard client counts a write on the wire
+            started.set()
+            await release.wait()  # answered after the stop
         finished.append(body["metadata"]["uid"])
         return None, 60.0
 
@@ -92,20 +97,43 @@ async def test_a_pass_in_flight_when_the_object_is_deleted_is_let_end_and_the_fi
     assert seen == [["u-1"]], "the finalizer ran before the pass in flight had ended"
 
 
-def stuck(started: asyncio.Event, cancelled: list[bool]) -> Any:
+def stuck(started: asyncio.Event, cancelled: list[bool], *, writing: bool = True) -> Any:
+    """A pass that never ends: inside a write on the wire, or (``writing=False``) waiting before one."""
+
     async def stuck_pass(body: Any) -> Any:
-        started.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.append(True)
-            raise
+        writes = CURRENT_WRITES.get()
+        assert writes is not None
+        with writes.sending() if writing else contextlib.nullcontext():
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
 
     return stuck_pass
 
 
-async def test_a_pass_that_outlasts_the_grace_is_cancelled_by_the_finalizer(
+async def test_a_pass_with_no_write_on_the_wire_is_cancelled_at_once_by_the_finalizer(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A resync pass queued behind a thousand deletions' calls: cutting it off loses nothing, and the
+    # finalizer must not wait the grace for it.
+    monkeypatch.setattr(runtime_module, "STOP_GRACE", 60.0)
+    stop, started, cancelled, seen = Stop(), asyncio.Event(), [], []
+    monkeypatch.setattr(runtime, "run_once", stuck(started, cancelled, writing=False))
+    monkeypatch.setattr(runtime_module, "finalize", finalizer_seeing(seen, []))
+    worker = asyncio.create_task(runtime.run_worker(DELETED, stop))
+    await started.wait()
+    stop.event.set()
+    await asyncio.wait_for(worker, timeout=1)
+    await asyncio.wait_for(runtime.finalize(DELETED), timeout=1)
+    assert cancelled == [True]
+    assert seen == [[]]
+
+
+async def test_a_write_that_outlasts_the_grace_is_cut_off_by_the_finalizer(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(runtime_module, "STOP_GRACE", 0.1)
     stop, started, cancelled, seen = Stop(), asyncio.Event(), [], []
@@ -119,6 +147,7 @@ async def test_a_pass_that_outlasts_the_grace_is_cancelled_by_the_finalizer(
     await asyncio.wait_for(runtime.finalize(DELETED), timeout=2)
     assert cancelled == [True]
     assert seen == [[]]
+    assert "shop/puller: a Chainguard write still unanswered" in caplog.text
 
 
 async def test_an_operator_that_stops_cancels_the_pass_at_once(
@@ -162,3 +191,25 @@ async def test_a_status_that_cannot_be_written_is_retried_on_the_backoff_with_a_
     assert len(warnings) == 3
     assert all("shop/puller" in r.getMessage() and r.exc_info is None for r in warnings)
     assert "failed unexpectedly" not in caplog.text
+
+
+async def test_a_pass_that_fails_unexpectedly_is_reported_by_the_worker_and_leaves_no_failed_task(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # kopf awaits every task of the loop when it exits and re-raises their errors ("the operator failed"):
+    # the pass's own task must end with its failure as a result, which the worker logs.
+    stop = Stop()
+
+    async def broken_pass(body: Any) -> Any:
+        raise RuntimeError("Cannot send a request, as the client has been closed.")
+
+    async def sleep(wake: Any, stopped: Any, delay: float) -> None:
+        stop.event.set()
+
+    worker = runtime._worker("u-1")
+    monkeypatch.setattr(runtime, "run_once", broken_pass)
+    monkeypatch.setattr(runtime, "_sleep", sleep)
+    await asyncio.wait_for(runtime.run_worker(BODY, stop), timeout=2)
+    assert worker.running is not None and worker.running.done()
+    assert worker.running.exception() is None
+    assert "reconcile of u-1 failed unexpectedly" in caplog.text

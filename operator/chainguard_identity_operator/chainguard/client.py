@@ -34,6 +34,7 @@ a log line, an exception or ``repr``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -59,7 +60,7 @@ from .errors import (
     as_credentials_error,
     error_from_response,
 )
-from .flow import DEFAULT_LIMIT, FlowControl
+from .flow import CURRENT_WRITES, DEFAULT_LIMIT, FlowControl
 from .types import Group, Identity, Role, RoleBinding
 
 logger = logging.getLogger(__name__)
@@ -425,15 +426,19 @@ class ChainguardClient:
             # Whatever the token source raised (its STS's PermissionDenied, say) is not an answer
             # of the API to this request.
             raise as_credentials_error(error, "the token source failed") from None
+        writes = CURRENT_WRITES.get() if write else None
         try:
             async with self.flow.slot():
-                response = await self._http.request(
-                    method,
-                    path,
-                    params=query,
-                    json=body,
-                    headers={"Authorization": f"Bearer {token}"},
-                )
+                # Counted from before the request is handed to httpx (no await between): from here on,
+                # cancelling the pass would leave the write's outcome unknown.
+                with writes.sending() if writes is not None else contextlib.nullcontext():
+                    response = await self._http.request(
+                        method,
+                        path,
+                        params=query,
+                        json=body,
+                        headers={"Authorization": f"Bearer {token}"},
+                    )
         except httpx.RequestError as exc:
             self._report(method, route, None, attempt)
             # httpx's exception carries the request and its Authorization header: keep only its kind.

@@ -9,15 +9,47 @@ cancelled waiter leaves cleanly, and a wait for capacity is never reported as an
 
 A 429 or 503 with ``Retry-After`` is the server speaking to the whole client, not to one request:
 ``pause`` holds every new request until then, so a thousand workers do not each find out on their own.
+
+``Writes`` counts the writes one reconcile pass has on the wire (``CURRENT_WRITES`` follows the pass's
+task): a pass cancelled while it counts none has cut nothing off — it was reading, or waiting here — and
+one that counts some is let finish them first (``Runtime``, when its object is deleted).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 DEFAULT_LIMIT = 20
+
+
+class Writes:
+    """The writes one pass has sent and not yet seen answered."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._none = asyncio.Event()
+        self._none.set()
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        self.count += 1
+        self._none.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if not self.count:
+                self._none.set()
+
+    async def none_in_flight(self) -> None:
+        await self._none.wait()
+
+
+# The pass whose task makes a call; unset (None) for calls made outside a pass.
+CURRENT_WRITES: contextvars.ContextVar[Writes | None] = contextvars.ContextVar("cgid_writes", default=None)
 
 
 class FlowControl:
