@@ -30,6 +30,7 @@ from typing import Any
 
 import jwt
 import kubernetes.client
+import kubernetes.client.rest
 import kubernetes.config
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException, OpenApiException
@@ -160,8 +161,36 @@ def _transport_error(exc: BaseException, what: str) -> ClusterError:
     return _unreachable(what, f"{type(outer).__name__}: {detail}" if detail else type(outer).__name__)
 
 
+class _TimedRESTClient(kubernetes.client.rest.RESTClientObject):
+    """The generated client's transport with a timeout on every request: it sends none unless each call
+    passes ``_request_timeout``, and an API server that accepts a connection and never answers (a
+    half-open connection, a black-holed load balancer) would hold the call's worker thread for good —
+    and with it, once the few threads of the pool are held, every cluster call of the operator."""
+
+    def __init__(self, configuration: kubernetes.client.Configuration, timeout: float) -> None:
+        super().__init__(configuration)
+        self._timeout = timeout
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Any = None,
+        body: Any = None,
+        post_params: Any = None,
+        _request_timeout: Any = None,
+    ) -> Any:
+        return super().request(  # type: ignore[no-untyped-call]
+            method, url, headers, body, post_params, _request_timeout=_request_timeout or self._timeout
+        )
+
+
 class ClusterClient:
-    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+    def __init__(self, api_client: kubernetes.client.ApiClient, *, timeout: float | None = None) -> None:
+        """``timeout``: seconds for each request (connecting and reading), as CGID_REQUEST_TIMEOUT."""
+        if timeout is not None:
+            api_client.rest_client.close()
+            api_client.rest_client = _TimedRESTClient(api_client.configuration, timeout)
         self._api = api_client
         self._core = kubernetes.client.CoreV1Api(api_client)
         self._custom = kubernetes.client.CustomObjectsApi(api_client)

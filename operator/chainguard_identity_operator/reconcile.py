@@ -182,7 +182,7 @@ class _Lookups:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], tuple[datetime.datetime, Any]] = {}
-        self._flights: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._flights: dict[tuple[str, str], asyncio.Task[tuple[bool, Any]]] = {}
 
     async def once(self, kind: str, key: str, now: datetime.datetime, fetch: Callable[[], Awaitable[T]]) -> T:
         entry = self._entries.get((kind, key))
@@ -190,20 +190,29 @@ class _Lookups:
             value: T = entry[1]
             return value
         flight = self._flights.get((kind, key))
-        if flight is not None:
-            return await asyncio.shield(flight)  # one caller's cancellation must not cancel the others'
-        flight = asyncio.get_running_loop().create_future()
-        self._flights[(kind, key)] = flight
+        if flight is None:
+            # A task of its own, not the first caller's: that caller's pass may be cancelled (its resource
+            # deleted) while others wait on the answer, and they must get the answer, not its cancellation.
+            flight = asyncio.ensure_future(self._fly(kind, key, now, fetch))
+            self._flights[(kind, key)] = flight
+        ok, result = await asyncio.shield(flight)  # one caller's cancellation is its own
+        if not ok:
+            raise result
+        answer: T = result
+        return answer
+
+    async def _fly(
+        self, kind: str, key: str, now: datetime.datetime, fetch: Callable[[], Awaitable[T]]
+    ) -> tuple[bool, Any]:
+        """The fetch, with its failure as the result: a task ending in an exception nobody awaits any more
+        is one kopf re-raises at exit."""
         try:
             result = await fetch()
-        except BaseException as exc:
-            flight.set_exception(exc)
-            flight.exception()  # retrieved: no "never retrieved" warning when nobody else waited
-            raise
+        except Exception as exc:
+            return False, exc
         else:
-            flight.set_result(result)
             self._entries[(kind, key)] = (now, result)
-            return result
+            return True, result
         finally:
             del self._flights[(kind, key)]
 
@@ -268,6 +277,11 @@ async def resolve_parent(ctx: Context, spec: IdentitySpec, now: datetime.datetim
             reason="ParentAmbiguous",
         )
     return (preferred or groups)[0].uid
+
+
+async def _groups_named(ctx: Context, name: str) -> set[str]:
+    answer = await ctx.lookups.once("groups", name, ctx.clock(), lambda: ctx.chainguard.find_groups(name))
+    return {group.uid for group in answer if group.name == name}
 
 
 async def resolve_role(ctx: Context, role: str, parent: str, now: datetime.datetime) -> str | None:
@@ -1216,6 +1230,7 @@ async def finalize(ctx: Context, resource: Resource) -> Sequence[Event]:
         for uid in (previous.parent, resource.spec.get("parent"))
         if isinstance(uid, str) and UIDP.fullmatch(uid)
     }
+    parent_name = resource.spec.get("parentName")
     recorded = {
         uid
         for uid in (previous.identity_id, *(r.identity_id for r in previous.retiring[:MAX_RETIRING]))
@@ -1223,6 +1238,11 @@ async def finalize(ctx: Context, resource: Resource) -> Sequence[Event]:
     }
     events: list[Event] = []
     try:
+        if isinstance(parent_name, str) and parent_name and not resource.spec.get("parent"):
+            # status.parent is written at the end of a pass: a resource deleted during its first pass
+            # (or after a crash between the create and the status patch) names its parent only here. Every
+            # group of that name is looked under; the markers decide what is this resource's.
+            parents |= await _groups_named(ctx, parent_name)
         listed = [
             identity
             for parent in sorted(parents)

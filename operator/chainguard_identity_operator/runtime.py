@@ -8,7 +8,7 @@ and schedules only wake it.
 The worker sleeps until the earliest of: a wake-up (spec change, cluster keys changed), the next
 scheduled renewal, the retry backoff after a transient failure, or the resync interval that catches
 drift made outside the operator. When its object is deleted, the worker leaves at once (kopf expects a
-stopped daemon to) but a pass under way is let finish, for at most ``STOP_GRACE``, rather than cancelled
+stopped daemon to) but a pass under way is let finish, for at most ``stop_grace()``, rather than cancelled
 with a write in flight: the finalizer waits for it.
 """
 
@@ -52,9 +52,10 @@ from chainguard_identity_operator.reconcile import (
 
 logger = logging.getLogger(__name__)
 
-# Seconds a pass still running when its object is deleted may take to end on its own before the finalizer
-# cancels it: a Chainguard write or two. This bounds the finalizer's delay too.
-STOP_GRACE = 5.0
+# How long past CGID_REQUEST_TIMEOUT a Chainguard write on the wire when its object is deleted may take to
+# be answered before the finalizer cuts it off (``Runtime.stop_grace``): an answer can come as late as the
+# timeout, and one cut off sooner is a write in doubt.
+STOP_GRACE_MARGIN = 1.0
 
 T = TypeVar("T")
 
@@ -114,7 +115,9 @@ class Runtime:
         self._metrics_server: MetricsServer | None = None
         self.kube_configuration = kube_configuration
         # ``cluster`` lets a test put a double of the Kubernetes client in (testkit's MemoryCluster).
-        self.cluster = cluster or ClusterClient(kubernetes.client.ApiClient(kube_configuration))
+        self.cluster = cluster or ClusterClient(
+            kubernetes.client.ApiClient(kube_configuration), timeout=settings.request_timeout.total_seconds()
+        )
         clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         self.facts = ClusterFactsCache(self.cluster, settings, clock=clock)
         self.context = Context(
@@ -340,9 +343,21 @@ class Runtime:
                     worker.failures += 1
                     delay = self.settings.max_backoff.total_seconds()
                 else:
-                    if ran is None:
-                        break  # stopped, and the pass was cancelled
-                    _, delay = ran
+                    if ran is not None:
+                        _, delay = ran
+                    elif stopped:
+                        break  # and the pass was cancelled, or left to the finalizer
+                    else:
+                        # The pass ended cancelled though nobody stopped this worker: returning would end
+                        # the daemon for good (kopf does not restart one that returned), so retry it.
+                        worker.failures += 1
+                        delay = self.backoff(worker.failures)
+                        logger.warning(
+                            "%s/%s: the pass was cancelled; retrying in %.1fs",
+                            meta["namespace"],
+                            meta["name"],
+                            delay,
+                        )
                 await self._sleep(worker.wake, stopped, delay)
         finally:
             # A pass left running for the finalizer keeps the worker (its lock): the finalizer forgets it.
@@ -354,7 +369,7 @@ class Runtime:
 
         When the object is being deleted, a pass under way is left running: the finalizer runs next, and
         it needs the answer of a write in flight, not a write in doubt, so it lets the pass's writes land
-        (at most ``STOP_GRACE``) before it cancels the rest. The worker itself returns at once: kopf
+        (at most ``stop_grace()``) before it cancels the rest. The worker itself returns at once: kopf
         holds the finalizer until its daemon has exited, and one that lingers gets the delete handler run
         a second time. When the operator stops,
         the pass is cancelled at once: that is a crash, which the next start recovers from (it looks before
@@ -390,14 +405,19 @@ class Runtime:
         except Exception as exc:
             return exc
 
-    async def _finish_pass(self, worker: _Worker, what: str) -> None:
+    def stop_grace(self) -> float:
+        """Seconds the finalizer lets a deleted resource's Chainguard writes on the wire be answered."""
+        return self.settings.request_timeout.total_seconds() + STOP_GRACE_MARGIN
+
+    async def _finish_pass(self, worker: _Worker, what: str) -> Outcome | None:
         """End the pass under way: at once if it has no Chainguard write on the wire (it is reading, or
         waiting for a slot behind other calls — nothing is cut off), else once its writes are answered,
-        for at most ``STOP_GRACE``."""
+        for at most ``stop_grace()``."""
         running, writes = worker.running, worker.writes
-        if running is None or running.done():
-            return
-        deadline = asyncio.get_running_loop().time() + STOP_GRACE
+        if running is None:
+            return None
+        grace = self.stop_grace()
+        deadline = asyncio.get_running_loop().time() + grace
         while not running.done() and writes.count:
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
@@ -405,7 +425,7 @@ class Runtime:
                     "%s: a Chainguard write still unanswered %.0fs after deletion is cut off; the finalizer "
                     "looks up what it may have made",
                     what,
-                    STOP_GRACE,
+                    grace,
                 )
                 break
             quiet = asyncio.ensure_future(writes.none_in_flight())
@@ -419,8 +439,13 @@ class Runtime:
         if not running.done():
             running.cancel()
             await asyncio.wait({running})
-        elif not running.cancelled() and isinstance(failed := running.result(), Exception):
-            logger.warning("%s: the pass under way at deletion failed: %s", what, failed)
+        if running.cancelled():
+            return None
+        result = running.result()
+        if isinstance(result, Exception):
+            logger.warning("%s: the pass under way at deletion failed: %s", what, result)
+            return None
+        return result[0]
 
     @staticmethod
     async def _sleep(wake: asyncio.Event, stopped: StopFlag, delay: float) -> None:
@@ -453,9 +478,16 @@ class Runtime:
         resource = resource_from_body(body)
         worker = self._worker(resource.ref.uid)
         try:
-            await self._finish_pass(worker, f"{resource.ref.namespace}/{resource.ref.name}")
+            finished = await self._finish_pass(worker, f"{resource.ref.namespace}/{resource.ref.name}")
+            # What the last pass found or made (its parent, identity, retiring ones, pull secret), which
+            # kopf's view of the object may not show yet — or ever, if its status could not be written.
+            view = (
+                resource
+                if finished is None
+                else resource_from_body({**body, "status": finished.status.to_dict()})
+            )
             async with worker.lock:
-                events = await finalize(self.context, resource)
+                events = await finalize(self.context, view)
         except DeletionBlocked as exc:
             patch = deletion_blocked_status(resource, str(exc), self.context.clock())
             if patch:

@@ -365,6 +365,11 @@ class Driver:
     def crash_after(self, requests: int) -> None:
         self.transport.crash_after = self.transport.sent + requests
 
+    async def crash_in_next_pass(self, requests: int) -> None:
+        """``crash_after`` for the process the next call runs in: started now if the last one died."""
+        await self._running()
+        self.crash_after(requests)
+
     async def _running(self) -> Runtime:
         if self.runtime is None:
             await self.start()

@@ -9,8 +9,10 @@ never a token — instead of escaping the pass as an unexpected failure.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -188,3 +190,36 @@ def test_a_forbidden_cluster_call_stalls_but_is_retried_on_the_backoff() -> None
     # Transient: retried on the backoff (at most CGID_MAX_BACKOFF), not only at the next resync; RBAC is
     # briefly denied while an API server starts.
     assert failure.transient
+
+
+async def test_an_api_server_that_never_answers_is_a_timeout_not_a_thread_held_for_good() -> None:
+    # It accepts the connection and never says a word: a half-open connection, a black-holed balancer.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    listener = threading.Thread(target=accept, daemon=True)
+    listener.start()
+    config = kubernetes.client.Configuration()
+    config.host = f"http://127.0.0.1:{server.getsockname()[1]}"
+    config.retries = 0  # one try: the point is that each try ends
+    cluster = ClusterClient(kubernetes.client.ApiClient(config), timeout=0.3)
+    try:
+        with pytest.raises(ClusterError) as caught:
+            await asyncio.wait_for(cluster.read_service_account("shop", "default"), timeout=10)
+        assert caught.value.status is None
+        assert "no answer from the Kubernetes API" in str(caught.value)
+        assert held, "the request reached the server"
+    finally:
+        cluster.close()
+        server.close()
+        for connection in held:
+            connection.close()

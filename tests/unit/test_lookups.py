@@ -57,6 +57,31 @@ async def test_a_failed_lookup_fails_its_waiters_and_is_not_cached() -> None:
     assert await lookups.once("roles", "viewer", NOW, working) == []
 
 
+async def test_the_first_callers_cancellation_is_its_own_and_the_others_get_the_answer() -> None:
+    # The first caller's pass may be cancelled at any await (its resource deleted) while others wait.
+    lookups, gate, asking, asked = _Lookups(), asyncio.Event(), asyncio.Event(), []
+    now = datetime.datetime(2026, 12, 2, tzinfo=datetime.UTC)
+
+    async def fetch() -> str:
+        asked.append(1)
+        asking.set()
+        await gate.wait()
+        return "uidp"
+
+    first = asyncio.create_task(lookups.once("role", "registry.pull", now, fetch))
+    await asyncio.wait_for(asking.wait(), timeout=1)  # the first caller's fetch is under way
+    joiner = asyncio.create_task(lookups.once("role", "registry.pull", now, fetch))
+    first.cancel()
+    await asyncio.wait({first})
+    assert first.cancelled()
+    gate.set()
+    assert await asyncio.wait_for(joiner, timeout=1) == "uidp"
+    assert asked == [1]
+    # ... and the answer was cached for whoever asks next.
+    assert await lookups.once("role", "registry.pull", now, fetch) == "uidp"
+    assert asked == [1]
+
+
 @pytest.mark.parametrize(("level", "quiet"), [("INFO", True), ("WARNING", True), ("DEBUG", False)])
 def test_request_lines_are_logged_only_at_debug(level: str, quiet: bool) -> None:
     for name in ("httpx", "httpcore"):

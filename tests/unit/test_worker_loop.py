@@ -93,7 +93,7 @@ async def test_a_pass_in_flight_when_the_object_is_deleted_is_let_end_and_the_fi
     await asyncio.sleep(0)  # let the finalizer start: it must be waiting, not finalizing
     assert seen == []
     release.set()
-    await asyncio.wait_for(finalizing, timeout=runtime_module.STOP_GRACE)
+    await asyncio.wait_for(finalizing, timeout=runtime.stop_grace())
     assert seen == [["u-1"]], "the finalizer ran before the pass in flight had ended"
 
 
@@ -119,7 +119,7 @@ async def test_a_pass_with_no_write_on_the_wire_is_cancelled_at_once_by_the_fina
 ) -> None:
     # A resync pass queued behind a thousand deletions' calls: cutting it off loses nothing, and the
     # finalizer must not wait the grace for it.
-    monkeypatch.setattr(runtime_module, "STOP_GRACE", 60.0)
+    monkeypatch.setattr(runtime, "stop_grace", lambda: 60.0)
     stop, started, cancelled, seen = Stop(), asyncio.Event(), [], []
     monkeypatch.setattr(runtime, "run_once", stuck(started, cancelled, writing=False))
     monkeypatch.setattr(runtime_module, "finalize", finalizer_seeing(seen, []))
@@ -135,7 +135,7 @@ async def test_a_pass_with_no_write_on_the_wire_is_cancelled_at_once_by_the_fina
 async def test_a_write_that_outlasts_the_grace_is_cut_off_by_the_finalizer(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(runtime_module, "STOP_GRACE", 0.1)
+    monkeypatch.setattr(runtime, "stop_grace", lambda: 0.1)
     stop, started, cancelled, seen = Stop(), asyncio.Event(), [], []
     monkeypatch.setattr(runtime, "run_once", stuck(started, cancelled))
     monkeypatch.setattr(runtime_module, "finalize", finalizer_seeing(seen, []))
@@ -154,7 +154,7 @@ async def test_an_operator_that_stops_cancels_the_pass_at_once(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Not deleted: a stop is a crash the next start recovers from, and a stopping pod waits on nothing.
-    monkeypatch.setattr(runtime_module, "STOP_GRACE", 60.0)
+    monkeypatch.setattr(runtime, "stop_grace", lambda: 60.0)
     stop, started, cancelled = Stop(), asyncio.Event(), []
     monkeypatch.setattr(runtime, "run_once", stuck(started, cancelled))
     worker = asyncio.create_task(runtime.run_worker(BODY, stop))
@@ -210,6 +210,38 @@ async def test_a_pass_that_fails_unexpectedly_is_reported_by_the_worker_and_leav
     monkeypatch.setattr(runtime, "run_once", broken_pass)
     monkeypatch.setattr(runtime, "_sleep", sleep)
     await asyncio.wait_for(runtime.run_worker(BODY, stop), timeout=2)
-    assert worker.running is not None and worker.running.done()
+    assert worker.running is not None
+    assert worker.running.done()
     assert worker.running.exception() is None
     assert "reconcile of u-1 failed unexpectedly" in caplog.text
+
+
+async def test_a_pass_cancelled_by_another_resources_deletion_does_not_end_the_worker(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # kopf never restarts a daemon that returned on its own: a worker that returns while not stopped
+    # leaves its resource unreconciled (no renewal, no drift repair) until the operator restarts.
+    stop, passes, delays = Stop(), [], []
+
+    async def cancelled_pass(body: Any) -> Any:
+        passes.append(1)
+        if len(passes) == 1:
+            raise asyncio.CancelledError  # e.g. from something shared with a pass that was cut off
+        return None, 60.0
+
+    async def sleep(wake: Any, stopped: Any, delay: float) -> None:
+        delays.append(delay)
+        if len(delays) == 2:
+            stop.event.set()
+
+    monkeypatch.setattr(runtime, "run_once", cancelled_pass)
+    monkeypatch.setattr(runtime, "_sleep", sleep)
+    await asyncio.wait_for(runtime.run_worker(BODY, stop), timeout=2)
+    assert passes == [1, 1], "the worker returned after a cancelled pass though nobody stopped it"
+    assert 0.8 <= delays[0] <= 1.2  # the transient backoff (1 s), not a resync
+    assert "shop/puller: the pass was cancelled" in caplog.text
+
+
+def test_the_grace_outlasts_the_request_timeout(runtime: Runtime) -> None:
+    # A write may be answered as late as CGID_REQUEST_TIMEOUT: cutting it off sooner leaves it in doubt.
+    assert runtime.stop_grace() > runtime.settings.request_timeout.total_seconds()
