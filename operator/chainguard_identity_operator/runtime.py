@@ -371,9 +371,9 @@ class Runtime:
         it needs the answer of a write in flight, not a write in doubt, so it lets the pass's writes land
         (at most ``stop_grace()``) before it cancels the rest. The worker itself returns at once: kopf
         holds the finalizer until its daemon has exited, and one that lingers gets the delete handler run
-        a second time. When the operator stops,
-        the pass is cancelled at once: that is a crash, which the next start recovers from (it looks before
-        it writes), and a stopping pod should not wait on Chainguard."""
+        a second time. When the operator stops, the pass is cancelled at once: that is a crash, which the
+        next start recovers from (it looks before it writes), and a stopping pod should not wait on
+        Chainguard."""
         worker = self._worker(body["metadata"]["uid"])
         worker.writes = Writes()
         context = contextvars.copy_context()
@@ -412,10 +412,11 @@ class Runtime:
     async def _finish_pass(self, worker: _Worker, what: str) -> Outcome | None:
         """End the pass under way: at once if it has no Chainguard write on the wire (it is reading, or
         waiting for a slot behind other calls — nothing is cut off), else once its writes are answered,
-        for at most ``stop_grace()``."""
+        for at most ``stop_grace()``. Returns the outcome of the last pass, if it ended with one."""
         running, writes = worker.running, worker.writes
         if running is None:
             return None
+        under_way = not running.done()
         grace = self.stop_grace()
         deadline = asyncio.get_running_loop().time() + grace
         while not running.done() and writes.count:
@@ -443,7 +444,8 @@ class Runtime:
             return None
         result = running.result()
         if isinstance(result, Exception):
-            logger.warning("%s: the pass under way at deletion failed: %s", what, result)
+            if under_way:  # one that failed before is already logged by the worker
+                logger.warning("%s: the pass under way at deletion failed: %s", what, result)
             return None
         return result[0]
 

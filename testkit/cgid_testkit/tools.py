@@ -1,4 +1,4 @@
-"""Where the third-party clients the tests drive are: today ``crane`` (go-containerregistry).
+"""The third-party clients the tests drive: where ``crane`` (go-containerregistry) is, and ``kubectl``.
 
 They are built by ``hack/tools/build.sh`` (``make tools``, and ``make test`` first) from the Go module
 proxy into a per-version cache folder, never committed. :func:`find_crane` looks where that script puts
@@ -9,9 +9,11 @@ newest ``crane-<version>`` folder of the cache (``CGID_TOOLS_CACHE``, default
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import re
+import shutil
 from collections.abc import Mapping
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -45,3 +47,26 @@ def find_crane(env: Mapping[str, str] = os.environ) -> pathlib.Path | None:
 
 def _executable(path: pathlib.Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
+
+
+async def kubectl(
+    kubeconfig: pathlib.Path, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120.0
+) -> str:
+    """Run the real ``kubectl`` as a subprocess of the event loop (which goes on serving the emulators
+    meanwhile) and return what it printed; a failure raises, with kubectl's own words, unless not ``check``."""
+    binary = shutil.which("kubectl")
+    assert binary, "kubectl is needed on PATH"
+    process = await asyncio.create_subprocess_exec(
+        binary,
+        f"--kubeconfig={kubeconfig}",
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(
+        process.communicate(stdin.encode() if stdin is not None else None), timeout=timeout
+    )
+    if check and process.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed: {err.decode().strip()}")
+    return out.decode()

@@ -3,7 +3,6 @@ conditions, the operator's own kubeconfig."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import pathlib
@@ -16,6 +15,7 @@ import yaml
 
 from cgid_testkit import harness
 from cgid_testkit.chainguard import ChainguardEmulator
+from cgid_testkit.tools import kubectl
 from chainguard_identity_operator.config import Settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -60,22 +60,7 @@ class Cluster:
     kubeconfig: pathlib.Path
 
     async def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
-        binary = shutil.which("kubectl")
-        assert binary, "the e2e suite needs kubectl on PATH"
-        process = await asyncio.create_subprocess_exec(
-            binary,
-            f"--kubeconfig={self.kubeconfig}",
-            *args,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(
-            process.communicate(stdin.encode() if stdin is not None else None), timeout=TIMEOUT
-        )
-        if check and process.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {err.decode().strip()}")
-        return out.decode()
+        return await kubectl(self.kubeconfig, *args, stdin=stdin, check=check, timeout=TIMEOUT)
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         out = await self.kubectl("get", kind, name, "-n", namespace, "-o", "json", "--ignore-not-found")

@@ -45,6 +45,7 @@ import yaml
 from cgid_testkit.chainguard import ChainguardEmulator, RecordedRequest
 from cgid_testkit.controlplane import ControlPlane, wait_established
 from cgid_testkit.harness import CR_PATH, ORG_NAME, Clock, OperatorThread, RealKube, wait_until, world
+from cgid_testkit.tools import kubectl
 from chainguard_identity_operator import crd, handlers
 from chainguard_identity_operator.config import PREFIX, Settings
 from chainguard_identity_operator.runtime import Runtime
@@ -217,24 +218,6 @@ def test_each_shard_watches_its_own_namespaces_as_its_own_service_account() -> N
 
 
 # -- two shards on one real cluster -------------------------------------------------------------------
-
-
-async def kubectl(kubeconfig: pathlib.Path, *args: str, stdin: str | None = None) -> str:
-    """kubectl as a subprocess of the event loop, which serves the Chainguard emulator meanwhile."""
-    binary = shutil.which("kubectl")
-    assert binary, "the runtime test applies the rendered shards with kubectl"
-    process = await asyncio.create_subprocess_exec(
-        binary,
-        f"--kubeconfig={kubeconfig}",
-        *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(stdin.encode() if stdin else None), timeout=60)
-    if process.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)} failed: {err.decode().strip()}")
-    return out.decode()
 
 
 @dataclasses.dataclass
