@@ -49,6 +49,7 @@ from chainguard_identity_operator.reconcile import (
     deletion_blocked_status,
     finalize,
 )
+from chainguard_identity_operator.status import IdentityStatus
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ class _Worker:
     # The pass under way, if any, and the Chainguard writes it has on the wire: left running when the
     # object is deleted, for the finalizer to end (``Runtime._finish_pass``).
     running: asyncio.Future[tuple[Outcome, float] | Exception] | None = None
+    # What the last pass that ended found or made (its parent, identity, retiring ones, pull secret), which
+    # kopf's view of the object may not show yet, or ever if the status could not be written.
+    last_status: IdentityStatus | None = None
     writes: Writes = dataclasses.field(default_factory=Writes)
 
 
@@ -307,6 +311,7 @@ class Runtime:
         worker = self._worker(resource.ref.uid)
         async with worker.lock:
             outcome = await apply(self.context, resource)
+        worker.last_status = outcome.status
         worker.failures = worker.failures + 1 if outcome.transient else 0
         self.metrics.observe_identity(
             resource.ref.namespace,
@@ -390,7 +395,10 @@ class Runtime:
             if not task.done() and not body["metadata"].get("deletionTimestamp"):
                 task.cancel()
                 await asyncio.wait({task})
-        if not task.done() or task.cancelled():
+        if not task.done():
+            return None  # left to the finalizer
+        worker.running = None  # a task ended: nothing to keep of it
+        if task.cancelled():
             return None
         result = task.result()
         if isinstance(result, Exception):
@@ -409,14 +417,13 @@ class Runtime:
         """Seconds the finalizer lets a deleted resource's Chainguard writes on the wire be answered."""
         return self.settings.request_timeout.total_seconds() + STOP_GRACE_MARGIN
 
-    async def _finish_pass(self, worker: _Worker, what: str) -> Outcome | None:
+    async def _finish_pass(self, worker: _Worker, what: str) -> IdentityStatus | None:
         """End the pass under way: at once if it has no Chainguard write on the wire (it is reading, or
         waiting for a slot behind other calls — nothing is cut off), else once its writes are answered,
-        for at most ``stop_grace()``. Returns the outcome of the last pass, if it ended with one."""
+        for at most ``stop_grace()``. Returns the status the last pass that ended found, if any."""
         running, writes = worker.running, worker.writes
-        if running is None:
-            return None
-        under_way = not running.done()
+        if running is None or running.done():
+            return worker.last_status
         grace = self.stop_grace()
         deadline = asyncio.get_running_loop().time() + grace
         while not running.done() and writes.count:
@@ -440,14 +447,10 @@ class Runtime:
         if not running.done():
             running.cancel()
             await asyncio.wait({running})
-        if running.cancelled():
-            return None
-        result = running.result()
-        if isinstance(result, Exception):
-            if under_way:  # one that failed before is already logged by the worker
-                logger.warning("%s: the pass under way at deletion failed: %s", what, result)
-            return None
-        return result[0]
+        worker.running = None
+        if not running.cancelled() and isinstance(failed := running.result(), Exception):
+            logger.warning("%s: the pass under way at deletion failed: %s", what, failed)
+        return worker.last_status
 
     @staticmethod
     async def _sleep(wake: asyncio.Event, stopped: StopFlag, delay: float) -> None:
@@ -480,14 +483,8 @@ class Runtime:
         resource = resource_from_body(body)
         worker = self._worker(resource.ref.uid)
         try:
-            finished = await self._finish_pass(worker, f"{resource.ref.namespace}/{resource.ref.name}")
-            # What the last pass found or made (its parent, identity, retiring ones, pull secret), which
-            # kopf's view of the object may not show yet — or ever, if its status could not be written.
-            view = (
-                resource
-                if finished is None
-                else resource_from_body({**body, "status": finished.status.to_dict()})
-            )
+            found = await self._finish_pass(worker, f"{resource.ref.namespace}/{resource.ref.name}")
+            view = resource if found is None else resource_from_body({**body, "status": found.to_dict()})
             async with worker.lock:
                 events = await finalize(self.context, view)
         except DeletionBlocked as exc:

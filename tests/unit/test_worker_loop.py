@@ -206,13 +206,22 @@ async def test_a_pass_that_fails_unexpectedly_is_reported_by_the_worker_and_leav
     async def sleep(wake: Any, stopped: Any, delay: float) -> None:
         stop.event.set()
 
-    worker = runtime._worker("u-1")
+    passes: list[asyncio.Task[Any]] = []
+    guarded = runtime._guarded
+
+    async def recorded(body: Any) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        passes.append(task)
+        return await guarded(body)
+
     monkeypatch.setattr(runtime, "run_once", broken_pass)
+    monkeypatch.setattr(runtime, "_guarded", recorded)
     monkeypatch.setattr(runtime, "_sleep", sleep)
     await asyncio.wait_for(runtime.run_worker(BODY, stop), timeout=2)
-    assert worker.running is not None
-    assert worker.running.done()
-    assert worker.running.exception() is None
+    assert len(passes) == 1
+    assert passes[0].done()
+    assert passes[0].exception() is None
     assert "reconcile of u-1 failed unexpectedly" in caplog.text
 
 
