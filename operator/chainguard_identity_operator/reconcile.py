@@ -1192,15 +1192,16 @@ def _owner_of(target: Target) -> Owner:
 
 
 async def apply(ctx: Context, resource: Resource) -> Outcome:
-    """Reconcile, then patch what changed in status and post the events: the whole pass as the handler
-    runs it."""
+    """Reconcile, then post the events and patch what changed in status: the whole pass as the handler
+    runs it. Events first: whoever waits for the status (``kubectl wait --for=condition=Ready``, a GitOps
+    health check, the bench) then finds the pass's story already told, not still being posted."""
     outcome = await reconcile(ctx, resource)
-    if outcome.patch:
-        await ctx.cluster.patch_status(resource.ref, outcome.patch)
     for event in outcome.events:
         await ctx.cluster.post_event(
             resource.ref, warning=event.warning, reason=event.reason, message=event.message
         )
+    if outcome.patch:
+        await ctx.cluster.patch_status(resource.ref, outcome.patch)
     return outcome
 
 
