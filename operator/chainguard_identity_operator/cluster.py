@@ -171,25 +171,17 @@ class _TimedRESTClient(kubernetes.client.rest.RESTClientObject):
         super().__init__(configuration)
         self._timeout = timeout
 
-    def request(
-        self,
-        method: str,
-        url: str,
-        headers: Any = None,
-        body: Any = None,
-        post_params: Any = None,
-        _request_timeout: Any = None,
-    ) -> Any:
-        return super().request(  # type: ignore[no-untyped-call]
-            method, url, headers, body, post_params, _request_timeout=_request_timeout or self._timeout
-        )
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        # Keywords only, whatever the generated client's version passes (query_params, _preload_content...).
+        kwargs["_request_timeout"] = kwargs.get("_request_timeout") or self._timeout
+        return super().request(*args, **kwargs)  # type: ignore[no-untyped-call]
 
 
 class ClusterClient:
     def __init__(self, api_client: kubernetes.client.ApiClient, *, timeout: float | None = None) -> None:
         """``timeout``: seconds for each request (connecting and reading), as CGID_REQUEST_TIMEOUT."""
         if timeout is not None:
-            api_client.rest_client.close()
+            api_client.rest_client.pool_manager.clear()  # (``close`` is newer than some releases we allow)
             api_client.rest_client = _TimedRESTClient(api_client.configuration, timeout)
         self._api = api_client
         self._core = kubernetes.client.CoreV1Api(api_client)

@@ -197,7 +197,10 @@ class _Lookups:
             self._flights[(kind, key)] = flight
         ok, result = await asyncio.shield(flight)  # one caller's cancellation is its own
         if not ok:
-            raise result
+            failure, traceback = result
+            # Each waiter raises the one exception: from its original traceback, so that the frames of
+            # every waiter before it do not pile up on it.
+            raise failure.with_traceback(traceback)
         answer: T = result
         return answer
 
@@ -209,7 +212,7 @@ class _Lookups:
         try:
             result = await fetch()
         except Exception as exc:
-            return False, exc
+            return False, (exc, exc.__traceback__)
         else:
             self._entries[(kind, key)] = (now, result)
             return True, result
@@ -1239,7 +1242,12 @@ async def finalize(ctx: Context, resource: Resource) -> Sequence[Event]:
     }
     events: list[Event] = []
     try:
-        if isinstance(parent_name, str) and parent_name and not resource.spec.get("parent"):
+        if (
+            isinstance(parent_name, str)
+            and parent_name
+            and not resource.spec.get("parent")
+            and not previous.parent
+        ):
             # status.parent is written at the end of a pass: a resource deleted during its first pass
             # (or after a crash between the create and the status patch) names its parent only here. Every
             # group of that name is looked under; the markers decide what is this resource's.

@@ -53,9 +53,11 @@ from chainguard_identity_operator.status import IdentityStatus
 
 logger = logging.getLogger(__name__)
 
-# How long past CGID_REQUEST_TIMEOUT a Chainguard write on the wire when its object is deleted may take to
-# be answered before the finalizer cuts it off (``Runtime.stop_grace``): an answer can come as late as the
-# timeout, and one cut off sooner is a write in doubt.
+# How long a Chainguard write on the wire when its object is deleted may take to be answered before the
+# finalizer cuts it off (``Runtime.stop_grace``): httpx gives connecting, sending and each read the whole
+# CGID_REQUEST_TIMEOUT (a slot is taken before httpx, so no pool wait), and an answer cut off sooner than
+# it may come is a write in doubt.
+STOP_GRACE_TIMEOUTS = 3
 STOP_GRACE_MARGIN = 1.0
 
 T = TypeVar("T")
@@ -415,7 +417,7 @@ class Runtime:
 
     def stop_grace(self) -> float:
         """Seconds the finalizer lets a deleted resource's Chainguard writes on the wire be answered."""
-        return self.settings.request_timeout.total_seconds() + STOP_GRACE_MARGIN
+        return STOP_GRACE_TIMEOUTS * self.settings.request_timeout.total_seconds() + STOP_GRACE_MARGIN
 
     async def _finish_pass(self, worker: _Worker, what: str) -> IdentityStatus | None:
         """End the pass under way: at once if it has no Chainguard write on the wire (it is reading, or
@@ -424,6 +426,7 @@ class Runtime:
         running, writes = worker.running, worker.writes
         if running is None or running.done():
             return worker.last_status
+        writes.closed = True  # the writes on the wire now are the last: a new one would be cut off
         grace = self.stop_grace()
         deadline = asyncio.get_running_loop().time() + grace
         while not running.done() and writes.count:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import traceback
 
 import pytest
 
@@ -88,3 +89,22 @@ def test_request_lines_are_logged_only_at_debug(level: str, quiet: bool) -> None
         logging.getLogger(name).setLevel(logging.NOTSET)
     quiet_logs(level)
     assert (logging.getLogger("httpx").level == logging.WARNING) is quiet
+
+
+async def test_a_failed_lookup_shared_by_many_does_not_pile_their_frames_on_one_traceback() -> None:
+    lookups, gate = _Lookups(), asyncio.Event()
+    now = datetime.datetime(2026, 12, 2, tzinfo=datetime.UTC)
+
+    async def fetch() -> str:
+        await gate.wait()
+        raise RuntimeError("Chainguard is away")
+
+    waiters = [asyncio.create_task(lookups.once("role", "registry.pull", now, fetch)) for _ in range(50)]
+    await asyncio.sleep(0)  # every waiter is parked on the one flight
+    gate.set()
+    await asyncio.wait(waiters)
+    failure = waiters[-1].exception()
+    assert isinstance(failure, RuntimeError)
+    # The one exception object every waiter raised: its traceback is one waiter's, not fifty's.
+    depth = len(traceback.extract_tb(failure.__traceback__))
+    assert depth < 10, f"the waiters' frames piled up on the shared exception: {depth} entries"

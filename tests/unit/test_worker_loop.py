@@ -254,3 +254,36 @@ async def test_a_pass_cancelled_by_another_resources_deletion_does_not_end_the_w
 def test_the_grace_outlasts_the_request_timeout(runtime: Runtime) -> None:
     # A write may be answered as late as CGID_REQUEST_TIMEOUT: cutting it off sooner leaves it in doubt.
     assert runtime.stop_grace() > runtime.settings.request_timeout.total_seconds()
+
+
+async def test_a_deleted_resources_pass_starts_no_new_write_once_the_finalizer_waits(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its write on the wire is let land; the next one — which would run into the grace's end and be cut
+    # off in doubt — is never sent.
+    stop, on_wire, answer, sent, seen = Stop(), asyncio.Event(), asyncio.Event(), [], []
+
+    async def two_writes(body: Any) -> Any:
+        writes = CURRENT_WRITES.get()
+        assert writes is not None
+        for n in (1, 2):
+            with writes.sending():
+                sent.append(n)
+                on_wire.set()
+                await answer.wait()
+        return None, 60.0
+
+    monkeypatch.setattr(runtime, "run_once", two_writes)
+    monkeypatch.setattr(runtime_module, "finalize", finalizer_seeing(seen, []))
+    worker = asyncio.create_task(runtime.run_worker(DELETED, stop))
+    await on_wire.wait()
+    stop.event.set()
+    await asyncio.wait_for(worker, timeout=1)
+    finalizing = asyncio.create_task(runtime.finalize(DELETED))
+    await asyncio.sleep(0)  # the finalizer is waiting on the write on the wire
+    assert seen == []
+    answer.set()
+    await asyncio.wait_for(finalizing, timeout=2)
+    assert sent == [1], "the pass sent a new write after its resource's finalizer had started"
+    assert seen == [[]]
+    assert "cut off" not in caplog.text

@@ -26,15 +26,19 @@ DEFAULT_LIMIT = 20
 
 
 class Writes:
-    """The writes one pass has sent and not yet seen answered."""
+    """The writes one pass has sent and not yet seen answered; once ``closed`` (its resource is being
+    finalized), the pass may send no more: a write it starts now would be one the finalizer cuts off."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.closed = False
         self._none = asyncio.Event()
         self._none.set()
 
     @contextlib.contextmanager
     def sending(self) -> Iterator[None]:
+        if self.closed:
+            raise asyncio.CancelledError("the resource is being finalized: no new write")
         self.count += 1
         self._none.clear()
         try:
