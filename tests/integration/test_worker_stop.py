@@ -5,7 +5,7 @@ kopf cancelled the worker daemon the moment its object was marked for deletion (
 ``cancellation_backoff``): "Daemon 'worker' is cancelled. Will escalate." 278-520 times per 1,000
 deletions in the benchmark, and a Chainguard write cut off with its outcome unknown. Now the worker
 returns at once, leaving its pass running, and the finalizer lets the pass's writes be answered (for at
-most ``Runtime.stop_grace()``: CGID_REQUEST_TIMEOUT and a margin) before it deletes what it owns.
+most ``Runtime.stop_grace()``: 3 x CGID_REQUEST_TIMEOUT and a margin) before it deletes what it owns.
 """
 
 from __future__ import annotations
