@@ -31,32 +31,21 @@ import datetime
 import json
 import os
 import pathlib
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
-import yaml
 from observe import children, parse_prometheus
 
 from cgid_testkit.chainguard import ChainguardEmulator, Fault
-from cgid_testkit.controlplane import ControlPlane, ControlPlaneUnavailable, build, find_binaries
+from cgid_testkit.controlplane import ControlPlane, build, find_binaries
+from cgid_testkit.tools import install_deploy as install_deploy_manifests
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 ISSUER = "https://oidc.sandbox-cluster.example"  # public-looking: Auto and ClaimMatch are allowed
 ORG_NAME = "my-org.example"
 OPERATOR_NAMESPACE = "chainguard-system"
 OPERATOR_ACCOUNT = "chainguard-identity-operator"
-INSTALLED_KINDS = {
-    "Namespace",
-    "CustomResourceDefinition",
-    "ServiceAccount",
-    "ClusterRole",
-    "ClusterRoleBinding",
-}
-CRD_NAME = "chainguardidentities.iam.chainguard.dev"
 TOKEN_SECONDS = 24 * 3600  # the bench stops long before
 
 KubeCounts = collections.Counter[tuple[str, str]]  # (verb, resource[/subresource]) -> requests
@@ -98,57 +87,23 @@ def _bootstrap(chainguard: ChainguardEmulator, issuer: str, jwks: str, subject: 
     """The organization, and the operator's own static identity from the cluster's JWKS (owner)."""
     org = chainguard.add_group(ORG_NAME, verified=True)
     chainguard.add_repo(org, "python")
-    expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)
-    identity = chainguard.add_identity(
+    identity = chainguard.add_operator_identity(
         org,
-        {
-            "name": "chainguard-identity-operator",
-            "description": "the operator's own identity (bench bootstrap)",
-            "staticKeys": {
-                "issuer": issuer,
-                "subject": subject,
-                "issuerKeys": jwks,
-                "expirationTime": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            },
-        },
+        issuer=issuer,
+        subject=subject,
+        jwks=jwks,
+        expires=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30),
+        description="the operator's own identity (bench bootstrap)",
     )
-    chainguard.bind(identity, org, "owner")
     return org, identity
 
 
 # -- the real control plane -----------------------------------------------------------------------------
 
 
-def _kubectl(kubeconfig: pathlib.Path, *args: str, stdin: str | None = None) -> str:
-    binary = shutil.which("kubectl")
-    if binary is None:
-        raise ControlPlaneUnavailable("the real backend needs kubectl on PATH (to render and apply deploy/)")
-    result = subprocess.run(
-        [binary, f"--kubeconfig={kubeconfig}", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout
-
-
 def install_deploy(plane: ControlPlane) -> None:
     """deploy/'s CRD and RBAC, as an admin applies them (server-side apply: idempotent)."""
-    rendered = [
-        doc
-        for doc in yaml.safe_load_all(_kubectl(plane.kubeconfig, "kustomize", str(ROOT / "deploy")))
-        if doc and doc["kind"] in INSTALLED_KINDS
-    ]
-    manifest = yaml.safe_dump_all(rendered)
-    _kubectl(
-        plane.kubeconfig, "apply", "--server-side", "--force-conflicts", "--field-manager=cgid-bench", "-f", "-",
-        stdin=manifest,
-    )  # fmt: skip
-    _kubectl(plane.kubeconfig, "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    install_deploy_manifests(plane.kubeconfig, field_manager="cgid-bench", established_within=60.0)
     # The garbage collector learns of a CRD installed after it started only at its next resync (~30 s).
     plane.restart_controller_manager()
 

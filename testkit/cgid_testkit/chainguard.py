@@ -712,6 +712,35 @@ class ChainguardEmulator:
             raise ValueError(error.message) from None
         return self._store_identity(parent, stored)
 
+    def add_operator_identity(
+        self,
+        parent: str,
+        *,
+        issuer: str,
+        subject: str,
+        jwks: Mapping[str, Any] | str,
+        expires: datetime.datetime,
+        name: str = "chainguard-identity-operator",
+        description: str = "the operator's own identity (bootstrap)",
+    ) -> str:
+        """The private-cluster bootstrap of the README: the operator's own static identity, made by hand
+        from the cluster's JWKS and bound as ``owner`` in ``parent``; its UIDP."""
+        identity = self.add_identity(
+            parent,
+            {
+                "name": name,
+                "description": description,
+                "staticKeys": {
+                    "issuer": issuer,
+                    "subject": subject,
+                    "issuerKeys": jwks if isinstance(jwks, str) else json.dumps(jwks),
+                    "expirationTime": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                },
+            },
+        )
+        self.bind(identity, parent, "owner")
+        return identity
+
     def bind(self, identity_uid: str, group_uid: str, role_name_or_uid: str) -> str:
         """Bind a role (built-in name, custom role name in the group's tree, or UIDP); the binding UIDP."""
         if identity_uid not in self.identities:

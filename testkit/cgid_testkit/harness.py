@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import json
 import pathlib
 import secrets
 import ssl
@@ -837,22 +836,13 @@ async def world(
             # The private-cluster bootstrap from the README: the operator's own static identity, made
             # once from the cluster's JWKS, bound as owner in the organization.
             operator_namespace = namespaces[OPERATOR_NAMESPACE]
-            operator_identity = chainguard.add_identity(
+            operator_identity = chainguard.add_operator_identity(
                 org,
-                {
-                    "name": "chainguard-identity-operator",
-                    "description": "the operator's own identity (bootstrap)",
-                    "staticKeys": {
-                        "issuer": issuer,
-                        "subject": f"system:serviceaccount:{operator_namespace}:{OPERATOR_SERVICE_ACCOUNT}",
-                        "issuerKeys": json.dumps(await backend.jwks()),
-                        "expirationTime": (clock() + datetime.timedelta(days=30)).strftime(
-                            "%Y-%m-%dT%H:%M:%SZ"
-                        ),
-                    },
-                },
+                issuer=issuer,
+                subject=f"system:serviceaccount:{operator_namespace}:{OPERATOR_SERVICE_ACCOUNT}",
+                jwks=await backend.jwks(),
+                expires=clock() + datetime.timedelta(days=30),
             )
-            chainguard.bind(operator_identity, org, "owner")
             token_path = workdir / "operator-oidc-token"
             kubeconfig = workdir / "kubeconfig"
             await backend.write_operator_kubeconfig(kubeconfig, operator_namespace, OPERATOR_SERVICE_ACCOUNT)

@@ -595,25 +595,6 @@ def _invalid_object(
 # -- structural schemas: pruning, defaulting and OpenAPI validation, as kube-apiserver applies them -------
 
 _ABSENT: Any = _Omit()  # no correlatable old value: a create, a new key, a list item without a match
-_OBJECT_META_FIELDS = frozenset(
-    {
-        "name",
-        "generateName",
-        "namespace",
-        "selfLink",
-        "uid",
-        "resourceVersion",
-        "generation",
-        "creationTimestamp",
-        "deletionTimestamp",
-        "deletionGracePeriodSeconds",
-        "labels",
-        "annotations",
-        "ownerReferences",
-        "finalizers",
-        "managedFields",
-    }
-)
 _DNS1123_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 _DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS1123_SUBDOMAIN_MSG = (
@@ -3462,6 +3443,8 @@ _GO_FIELD_ORDER: dict[str, tuple[str, ...]] = {
     "EventSource": ("component", "host"),
     "EventSeries": ("count", "lastObservedTime"),
 }
+# The fields of ObjectMeta: what metadata may hold beside them is pruned, as the API server prunes it.
+_OBJECT_META_FIELDS = frozenset(_GO_FIELD_ORDER["ObjectMeta"])
 # Nested fields of those types that are themselves typed (the rest are maps, sorted, or scalars).
 _GO_NESTED: dict[str, dict[str, str]] = {
     "ObjectMeta": {"ownerReferences": "[]OwnerReference", "managedFields": "[]ManagedFieldsEntry"},

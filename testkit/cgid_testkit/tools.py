@@ -14,7 +14,11 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
 from collections.abc import Mapping
+from typing import Any
+
+import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "hack" / "tools" / "build.sh"
@@ -70,3 +74,66 @@ async def kubectl(
     if check and process.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed: {err.decode().strip()}")
     return out.decode()
+
+
+def kubectl_sync(
+    kubeconfig: pathlib.Path, *args: str, stdin: str | None = None, timeout: float = 120.0
+) -> str:
+    """``kubectl``, blocking: for set-up before an event loop (and the operator in it) runs."""
+    binary = shutil.which("kubectl")
+    assert binary, "kubectl is needed on PATH"
+    result = subprocess.run(
+        [binary, f"--kubeconfig={kubeconfig}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+# What the tests and the bench install from the rendered deploy/: the operator runs in their process.
+INSTALLED_KINDS = frozenset(
+    {"Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+)
+
+
+def install_deploy(
+    kubeconfig: pathlib.Path, *, field_manager: str, timeout: float = 120.0, established_within: float = 120.0
+) -> list[dict[str, Any]]:
+    """deploy/'s Namespace, CRD and RBAC, rendered by ``kubectl kustomize`` and applied as an admin
+    applies them (server-side: idempotent, so several installs on one cluster agree), the CRD waited for
+    until Established; what was applied."""
+    rendered = [
+        doc
+        for doc in yaml.safe_load_all(
+            kubectl_sync(kubeconfig, "kustomize", str(ROOT / "deploy"), timeout=timeout)
+        )
+        if doc and doc["kind"] in INSTALLED_KINDS
+    ]
+    assert {doc["kind"] for doc in rendered} == INSTALLED_KINDS
+    kubectl_sync(
+        kubeconfig,
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        f"--field-manager={field_manager}",
+        "-f",
+        "-",
+        stdin=yaml.safe_dump_all(rendered),
+        timeout=timeout,
+    )
+    for doc in rendered:
+        if doc["kind"] == "CustomResourceDefinition":
+            kubectl_sync(
+                kubeconfig,
+                "wait",
+                "--for=condition=Established",
+                f"crd/{doc['metadata']['name']}",
+                f"--timeout={int(established_within)}s",
+                timeout=timeout,
+            )
+    return rendered

@@ -30,14 +30,11 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-import yaml
 from e2e_support import (
-    INSTALLED_KINDS,
     OPERATOR_ACCOUNT,
     OPERATOR_NAMESPACE,
     OPERATOR_SUBJECT,
     ORG_NAME,
-    ROOT,
     TIMEOUT,
     Cluster,
     Operator,
@@ -48,6 +45,7 @@ from e2e_support import (
 from cgid_testkit.chainguard import ChainguardEmulator
 from cgid_testkit.controlplane import ControlPlane
 from cgid_testkit.harness import OperatorThread
+from cgid_testkit.tools import install_deploy
 from chainguard_identity_operator import handlers
 from chainguard_identity_operator.config import Settings
 from chainguard_identity_operator.runtime import Runtime
@@ -68,32 +66,9 @@ def kubeconfig(request: pytest.FixtureRequest) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def installed(request: pytest.FixtureRequest, kubeconfig: pathlib.Path) -> list[dict[str, Any]]:
     """The CRD and RBAC from deploy/, applied to the cluster (server-side apply is idempotent)."""
-    rendered = [
-        doc
-        for doc in yaml.safe_load_all(kubectl_sync(kubeconfig, "kustomize", str(ROOT / "deploy")))
-        if doc and doc["kind"] in INSTALLED_KINDS
-    ]
-    assert {doc["kind"] for doc in rendered} == INSTALLED_KINDS
-    manifest = yaml.safe_dump_all(rendered)
-    kubectl_sync(
-        kubeconfig,
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "--field-manager=cgid-e2e",
-        "-f",
-        "-",
-        stdin=manifest,
+    rendered = install_deploy(
+        kubeconfig, field_manager="cgid-e2e", timeout=TIMEOUT, established_within=TIMEOUT
     )
-    for doc in rendered:
-        if doc["kind"] == "CustomResourceDefinition":
-            kubectl_sync(
-                kubeconfig,
-                "wait",
-                "--for=condition=Established",
-                f"crd/{doc['metadata']['name']}",
-                f"--timeout={int(TIMEOUT)}s",
-            )
     if not request.config.getoption("--kubeconfig"):
         # Our own control plane: its garbage collector learns of the new CRD at once, not in 30 s.
         plane: ControlPlane = request.getfixturevalue("control_plane")
@@ -130,22 +105,14 @@ async def operator(
         org = chainguard.add_group(ORG_NAME, verified=True)
         chainguard.add_repo(org, "python")
         # The private-cluster bootstrap: the operator's own static identity, from the cluster's JWKS.
-        identity = chainguard.add_identity(
+        identity = chainguard.add_operator_identity(
             org,
-            {
-                "name": "chainguard-identity-operator",
-                "description": "the operator's own identity (e2e bootstrap)",
-                "staticKeys": {
-                    "issuer": discovery["issuer"],
-                    "subject": OPERATOR_SUBJECT,
-                    "issuerKeys": jwks,
-                    "expirationTime": (
-                        datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)
-                    ).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                },
-            },
+            issuer=discovery["issuer"],
+            subject=OPERATOR_SUBJECT,
+            jwks=jwks,
+            expires=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1),
+            description="the operator's own identity (e2e bootstrap)",
         )
-        chainguard.bind(identity, org, "owner")
         # Exactly what the Deployment would set, plus what differs outside a pod.
         settings = Settings.from_env(
             {

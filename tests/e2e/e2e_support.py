@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import shutil
-import subprocess
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -15,7 +13,7 @@ import yaml
 
 from cgid_testkit import harness
 from cgid_testkit.chainguard import ChainguardEmulator
-from cgid_testkit.tools import kubectl
+from cgid_testkit.tools import kubectl, kubectl_sync
 from chainguard_identity_operator.config import Settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -23,34 +21,9 @@ OPERATOR_NAMESPACE = "chainguard-system"
 OPERATOR_ACCOUNT = "chainguard-identity-operator"
 OPERATOR_SUBJECT = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
 ORG_NAME = "my-org.example"  # what examples/auto.yaml names as parentName
-# What the test installs from the rendered deploy/: the operator runs in this process, not in a pod.
-INSTALLED_KINDS = {
-    "Namespace",
-    "CustomResourceDefinition",
-    "ServiceAccount",
-    "ClusterRole",
-    "ClusterRoleBinding",
-}
 TIMEOUT = 120.0
 
 T = TypeVar("T")
-
-
-def kubectl_sync(kubeconfig: pathlib.Path, *args: str, stdin: str | None = None) -> str:
-    """kubectl, for set-up before the operator (and its event loop) is running."""
-    binary = shutil.which("kubectl")
-    assert binary, "the e2e suite needs kubectl on PATH"
-    result = subprocess.run(
-        [binary, f"--kubeconfig={kubeconfig}", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout
 
 
 @dataclasses.dataclass

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import json
 import pathlib
 from collections.abc import AsyncIterator
 
@@ -52,20 +51,14 @@ async def operator(tmp_path: pathlib.Path) -> AsyncIterator[Operator]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     async with ChainguardEmulator(clock=clock, signing_key=key) as chainguard:
         org = chainguard.add_group(ORG_NAME, verified=True)
-        own = chainguard.add_identity(
+        own = chainguard.add_operator_identity(
             org,
-            {
-                "name": "chainguard-identity-operator",
-                "description": "bootstrap",
-                "staticKeys": {
-                    "issuer": ISSUER,
-                    "subject": f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}",
-                    "issuerKeys": json.dumps(kube.jwks()),
-                    "expirationTime": (clock() + datetime.timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                },
-            },
+            issuer=ISSUER,
+            subject=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}",
+            jwks=kube.jwks(),
+            expires=clock() + datetime.timedelta(days=30),
+            description="bootstrap",
         )
-        chainguard.bind(own, org, "owner")
         settings = Settings(
             cluster_name="review",
             api_url=chainguard.api_url,

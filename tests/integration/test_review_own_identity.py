@@ -7,7 +7,6 @@ it is locked out until someone restarts it. FAILS while open."""
 from __future__ import annotations
 
 import datetime
-import json
 import pathlib
 from collections.abc import Mapping
 
@@ -58,20 +57,14 @@ async def test_review_the_operator_follows_its_replacement_even_when_the_config_
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     async with ChainguardEmulator(clock=clock, signing_key=key) as chainguard:
         org = chainguard.add_group("my-org.example", verified=True)
-        own = chainguard.add_identity(
+        own = chainguard.add_operator_identity(
             org,
-            {
-                "name": "chainguard-identity-operator",
-                "description": "made by hand (bootstrap)",
-                "staticKeys": {
-                    "issuer": ISSUER,
-                    "subject": f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}",
-                    "issuerKeys": json.dumps(kube.jwks()),
-                    "expirationTime": (clock() + datetime.timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                },
-            },
+            issuer=ISSUER,
+            subject=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}",
+            jwks=kube.jwks(),
+            expires=clock() + datetime.timedelta(days=30),
+            description="made by hand (bootstrap)",
         )
-        chainguard.bind(own, org, "owner")
         settings = Settings(
             cluster_name="review",
             api_url=chainguard.api_url,

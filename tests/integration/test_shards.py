@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import json
 import pathlib
 import re
 import secrets
@@ -309,20 +308,15 @@ async def start_shard(
     deployment = one(objects, "Deployment")
     namespace = deployment["metadata"]["namespace"]
     account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
-    identity = chainguard.add_identity(
+    identity = chainguard.add_operator_identity(
         org,
-        {
-            "name": f"chainguard-identity-operator-{name}",
-            "description": f"shard {name}'s own identity (bootstrap)",
-            "staticKeys": {
-                "issuer": kube.issuer,
-                "subject": f"system:serviceaccount:{namespace}:{account}",
-                "issuerKeys": json.dumps(await kube.jwks()),
-                "expirationTime": (clock() + datetime.timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            },
-        },
+        issuer=kube.issuer,
+        subject=f"system:serviceaccount:{namespace}:{account}",
+        jwks=await kube.jwks(),
+        expires=clock() + datetime.timedelta(days=30),
+        name=f"chainguard-identity-operator-{name}",
+        description=f"shard {name}'s own identity (bootstrap)",
     )
-    chainguard.bind(identity, org, "owner")
     token = workdir / f"oidc-token-{name}"
     token.write_text(
         await kube.mint_token(namespace, account, audiences=["issuer.enforce.dev"], expiration_seconds=3600)

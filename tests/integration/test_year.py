@@ -61,20 +61,14 @@ async def test_a_year_and_a_half_under_the_strict_rule(tmp_path: pathlib.Path) -
         org = chainguard.add_group("my-org.example", verified=True)
         chainguard.add_repo(org, "python")
         # The private-cluster bootstrap: a static identity made by hand from the cluster's JWKS.
-        own = chainguard.add_identity(
+        own = chainguard.add_operator_identity(
             org,
-            {
-                "name": "chainguard-identity-operator",
-                "description": "made by hand (bootstrap)",
-                "staticKeys": {
-                    "issuer": ISSUER,
-                    "subject": f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}",
-                    "issuerKeys": _json(kube.jwks()),
-                    "expirationTime": (clock() + datetime.timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                },
-            },
+            issuer=ISSUER,
+            subject=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}",
+            jwks=kube.jwks(),
+            expires=clock() + datetime.timedelta(days=30),
+            description="made by hand (bootstrap)",
         )
-        chainguard.bind(own, org, "owner")
         settings = Settings(
             cluster_name="year",
             api_url=chainguard.api_url,
